@@ -1,0 +1,135 @@
+"""The attention rank's forward pass, written as one program per micro-batch with yield points.
+
+Legend: T tokens in the micro-batch, H hidden, h/g query/KV heads, d head dim, k experts per token,
+E experts, V vocab, N sampled rows.
+
+A program runs its micro-batch through every layer; at each MoE layer it launches the dispatch of
+its routed tokens and *yields*, so the executor can run the next micro-batch's attention while the
+expert ranks work on this one; when resumed it waits for the combine and goes on. `run_pingpong`
+is that executor: round-robin over the programs, so with m micro-batches the dispatch order on
+every attention rank is (layer 0, mb 0), (layer 0, mb 1), …, (layer 1, mb 0), … — the order the
+expert ranks consume. With m = 1 the same code runs without overlap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+
+import torch
+import torch.nn.functional as F
+
+from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
+from attention_node.weights import AttentionWeights, LayerWeights
+from models.spec import ModelSpec
+from transfer.base import AttentionTransfer
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x [n, H], w13 [2I, H] (gate rows, then up rows), w2 [H, I] → [n, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
+    """Softmax top-k routing, as the HF families do it: (ids [T, k], weights [T, k] in x's dtype)."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)     # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(x.dtype)
+
+
+class RotaryTable:
+    """cos/sin [max_len, d] computed once (float32, then cast), indexed by position."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int, dtype: torch.dtype, device: torch.device):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype).to(device)
+        self.sin = emb.sin().to(dtype).to(device)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d]."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return x * cos + rotate_half(x) * sin
+
+
+class AttentionForward:
+    def __init__(self, spec: ModelSpec, weights: AttentionWeights, cache: PagedKVCache, rotary: RotaryTable,
+                 transfer: AttentionTransfer | None):
+        self.spec = spec
+        self.w = weights
+        self.cache = cache
+        self.rotary = rotary
+        self.transfer = transfer
+        self.wait_s = 0.0  # time spent blocked on combines in the current step (for profiles)
+
+    def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        s = self.spec
+        T = x.shape[0]
+        qkv = F.linear(x, lw.wqkv, lw.bqkv)                              # [T, (h + 2g)·d]
+        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
+        q = q.view(T, s.num_heads, s.head_dim)
+        k = k.view(T, s.num_kv_heads, s.head_dim)
+        v = v.view(T, s.num_kv_heads, s.head_dim)
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, s.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        q = self.rotary.apply(q, batch.positions)
+        k = self.rotary.apply(k, batch.positions)
+        o = paged_attention(q, k, v, self.cache, layer, batch)           # [T, h, d]
+        return F.linear(o.reshape(T, -1), lw.wo)
+
+    def program(self, step: int, micro_batch: int, input_ids: torch.Tensor,
+                batch: AttentionBatch) -> Generator[None, None, torch.Tensor]:
+        """One micro-batch through every layer; returns logits [N, V] (float32) of its sampled rows."""
+        s = self.spec
+        h = self.w.embed[input_ids]                                       # [T, H]
+        for layer, lw in enumerate(self.w.layers):
+            if h.shape[0]:
+                h = h + self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch)
+            x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
+            if lw.router is None:
+                h = h + swiglu(x, lw.ffn_w13, lw.ffn_w2)
+                continue
+            ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
+            handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
+            shared = None
+            if lw.ffn_w13 is not None:                                    # shared expert overlaps the round trip
+                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * swiglu(x, lw.ffn_w13, lw.ffn_w2)
+            yield
+            t0 = time.perf_counter()
+            routed = self.transfer.combine_wait(handle)
+            self.wait_s += time.perf_counter() - t0
+            h = h + routed if shared is None else h + (routed + shared)
+        last = rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
+        return F.linear(last, self.w.lm_head).float()
+
+
+def run_pingpong(programs: list[Generator]) -> list[torch.Tensor]:
+    """Round-robin executor over micro-batch programs; returns each program's result."""
+    results: list = [None] * len(programs)
+    live = list(range(len(programs)))
+    while live:
+        still = []
+        for i in live:
+            try:
+                next(programs[i])
+                still.append(i)
+            except StopIteration as done:
+                results[i] = done.value
+        live = still
+    return results

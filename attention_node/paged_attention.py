@@ -1,0 +1,100 @@
+"""Paged KV cache and attention over a batch that mixes prefill chunks and decode tokens.
+
+Legend: T tokens in the micro-batch, B decode sequences, L longest decode context, h query heads,
+g KV heads, d head dim, S slots (= KV blocks × block size).
+
+The cache is one flat slot array per layer: slot = block_table[pos // block_size] · block_size
++ pos % block_size. Decode sequences (one new token each) are attended in one batched call over
+their gathered, padded contexts; each prefill chunk is attended on its own with a causal mask
+that starts at the chunk's offset (earlier chunks are read back from the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scheduler.messages import SeqChunk
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # [layers, S, g, d]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class AttentionBatch:
+    """Index tensors for one micro-batch, built once per step and reused by every layer."""
+
+    positions: torch.Tensor                # [T]
+    slots: torch.Tensor                    # [T] where each new token's K/V goes
+    decode_rows: torch.Tensor              # [B] token rows of decode sequences
+    decode_slots: torch.Tensor             # [B, L] context slots (padded with slot 0)
+    decode_mask: torch.Tensor              # [B, 1, 1, L] True where the key is real
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row start, q len, ctx slots [C], mask [q, C])
+    sample_rows: torch.Tensor              # [N] rows whose logits are sampled
+
+    @classmethod
+    def build(cls, chunks: list[SeqChunk], block_size: int, device: torch.device) -> "AttentionBatch":
+        positions, slots, decode_rows, decode_ctx, prefills, sample_rows = [], [], [], [], [], []
+        row = 0
+        for c in chunks:
+            n = len(c.token_ids)
+            table = torch.tensor(c.block_table, dtype=torch.long)
+            ctx_pos = torch.arange(c.context_len)
+            ctx_slots = table[ctx_pos // block_size] * block_size + ctx_pos % block_size   # [C]
+            positions.append(ctx_pos[c.start_pos:])
+            slots.append(ctx_slots[c.start_pos:])
+            if n == 1:
+                decode_rows.append(row)
+                decode_ctx.append(ctx_slots)
+            else:
+                q_pos = ctx_pos[c.start_pos:, None]
+                mask = ctx_pos[None, :] <= q_pos                                          # [q, C]
+                prefills.append((row, n, ctx_slots.to(device), mask.to(device)))
+            if c.sample:
+                sample_rows.append(row + n - 1)
+            row += n
+        longest = max((len(s) for s in decode_ctx), default=0)
+        dec_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long)
+        dec_mask = torch.zeros(len(decode_ctx), longest, dtype=torch.bool)
+        for i, s in enumerate(decode_ctx):
+            dec_slots[i, :len(s)] = s
+            dec_mask[i, :len(s)] = True
+        cat = (lambda xs: torch.cat(xs).to(device)) if chunks else (lambda xs: torch.empty(0, dtype=torch.long, device=device))
+        return cls(positions=cat(positions), slots=cat(slots),
+                   decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+                   decode_slots=dec_slots.to(device), decode_mask=dec_mask[:, None, None, :].to(device),
+                   prefills=prefills, sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int,
+                    batch: AttentionBatch) -> torch.Tensor:
+    """q [T, h, d], k/v [T, g, d] for the new tokens → attention output [T, h, d]."""
+    k_cache, v_cache = cache.k[layer], cache.v[layer]           # [S, g, d]
+    k_cache[batch.slots] = k
+    v_cache[batch.slots] = v
+    out = torch.empty_like(q)
+    if batch.decode_rows.numel():
+        qd = q[batch.decode_rows].unsqueeze(2)                  # [B, h, 1, d]
+        kd = k_cache[batch.decode_slots].transpose(1, 2)        # [B, g, L, d]
+        vd = v_cache[batch.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
+        out[batch.decode_rows] = od.squeeze(2)
+    for start, n, ctx_slots, mask in batch.prefills:
+        qp = q[start:start + n].transpose(0, 1)                 # [h, q, d]
+        kp = k_cache[ctx_slots].transpose(0, 1)                 # [g, C, d]
+        vp = v_cache[ctx_slots].transpose(0, 1)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+        out[start:start + n] = op.transpose(0, 1)
+    return out

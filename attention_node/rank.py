@@ -1,0 +1,68 @@
+"""AttentionRank: a plain class (tests build it directly); `actor.py` wraps it for Ray.
+
+It owns the non-expert weights, the paged KV cache of its requests, and the sampler state (each
+request's SamplingParams, sent once). One `step(plan)` runs the plan's micro-batches through the
+ping-pong executor and samples one token for every chunk that ends its known tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from attention_node.forward import AttentionForward, RotaryTable, run_pingpong
+from attention_node.paged_attention import AttentionBatch, PagedKVCache
+from attention_node.sampler import sample
+from attention_node.weights import load_attention_weights
+from models.checkpoint import CheckpointReader, torch_dtype
+from models.spec import ModelSpec
+from scheduler.config import EngineConfig, EngineLimits
+from scheduler.messages import SampledToken, StepPlan, StepResult
+from scheduler.request import SamplingParams
+from transfer.base import AttentionTransfer
+
+
+class AttentionRank:
+    def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
+                 device: str = "cpu"):
+        self.rank = rank
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(config.dtype)
+        reader = CheckpointReader(model_dir)
+        weights = load_attention_weights(spec, reader, self.dtype, self.device)
+        self.tensors_read = list(reader.names_read)
+        reader.close()
+        self.cache = PagedKVCache(spec.num_layers, limits.kv_blocks_per_rank, limits.block_size,
+                                  spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
+        rotary = RotaryTable(spec.head_dim, spec.rope_theta, limits.max_model_len, self.dtype, self.device)
+        self.forward = AttentionForward(spec, weights, self.cache, rotary, transfer=None)
+        self.params: dict[str, SamplingParams] = {}
+
+    def connect(self, transfer: AttentionTransfer) -> None:
+        self.forward.transfer = transfer
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        for request_id in plan.released:
+            self.params.pop(request_id, None)
+        for new in plan.new_requests:
+            self.params[new.request_id] = new.sampling
+        self.forward.wait_s = 0.0
+        programs, sampled = [], []
+        for j, chunks in enumerate(plan.micro_batches):
+            batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
+            input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+            programs.append(self.forward.program(plan.step, j, input_ids, batch))
+            sampled += [c for c in chunks if c.sample]
+        t1 = time.perf_counter()
+        logits = torch.cat(run_pingpong(programs))                    # [N, V], rows in `sampled` order
+        t2 = time.perf_counter()
+        ids, logprobs = sample(logits, [self.params[c.request_id] for c in sampled], [c.output_index for c in sampled])
+        tokens = [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
+                  for i, (c, t, lp) in enumerate(zip(sampled, ids, logprobs))]
+        t3 = time.perf_counter()
+        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": self.forward.wait_s, "sample": t3 - t2}
+        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings)

@@ -1,0 +1,39 @@
+"""Starting or joining Ray, with the environment a rank process needs.
+
+On a machine with no cluster, Shuttle starts a private local Ray: loopback only
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps it, and its clients, on 127.0.0.1), no dashboard,
+no token-auth prompt (Ray 2.60 turns token auth on by default; a private loopback Ray has no
+other users). Rank processes use the loopback interface for gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment variables for rank processes (the user's own settings win)."""
+    return {k: os.environ.get(k, v) for k, v in LOCAL_ENV.items()}
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Connect to Ray; start a private local one when `address` is None. True if we started it."""
+    if ray.is_initialized():
+        return False
+    for k, v in local_ray_env().items():
+        os.environ.setdefault(k, v)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+             configure_logging=False, _node_ip_address="127.0.0.1")
+    return True

@@ -1,0 +1,82 @@
+"""Grouped expert FFN with dynamic gating: sort by expert, count, one GEMM per expert.
+
+Legend: n tokens received, k experts per token, p = (token, expert) pairs that hit a local expert,
+H hidden, I expert width, X local experts.
+
+No capacity factor, no padding, no dropped tokens: expert e multiplies exactly the c_e rows routed
+to it (c_e may be 0, and then it does nothing). Each token's local outputs are scaled by their
+routing weights and summed per token (`index_add_`); the attention rank adds the expert ranks'
+partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import CheckpointReader, read_expert
+from models.spec import ModelSpec
+
+
+class ExpertShard:
+    """The experts one expert rank owns, for every MoE layer."""
+
+    def __init__(self, spec: ModelSpec, experts: list[int], w13: dict[int, torch.Tensor], w2: dict[int, torch.Tensor]):
+        self.spec = spec
+        self.experts = list(experts)
+        self.w13 = w13                          # layer → [X, 2I, H]
+        self.w2 = w2                            # layer → [X, H, I]
+        local = torch.full((spec.num_experts,), -1, dtype=torch.long)
+        local[torch.tensor(self.experts, dtype=torch.long)] = torch.arange(len(self.experts))
+        self.local_index = local                # [E] global expert id → local index, -1 if not ours
+
+    @classmethod
+    def load(cls, spec: ModelSpec, reader: CheckpointReader, experts: list[int], dtype: torch.dtype,
+             device: torch.device) -> "ExpertShard":
+        w13, w2 = {}, {}
+        for layer in spec.moe_layer_ids:
+            pairs = [read_expert(spec, reader, layer, e, dtype) for e in experts]
+            w13[layer] = torch.stack([a for a, _ in pairs]).to(device)
+            w2[layer] = torch.stack([b for _, b in pairs]).to(device)
+        shard = cls(spec, experts, w13, w2)
+        shard.local_index = shard.local_index.to(device)
+        return shard
+
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H], topk_ids [n, k] global ids, topk_weights [n, k] → local weighted sum [n, H]."""
+        n, k = topk_ids.shape
+        out = torch.zeros_like(hidden)
+        if n == 0:
+            return out
+        local = self.local_index[topk_ids].flatten()                      # [n·k]
+        hit = (local >= 0).nonzero().flatten()                           # [p] pair indices
+        order = torch.argsort(local[hit], stable=True)
+        pairs = hit[order]                                               # [p] pairs grouped by expert
+        experts = local[pairs]
+        tokens = pairs // k                                              # [p]
+        counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
+        x = hidden[tokens]                                               # [p, H]
+        y = torch.empty_like(x)
+        w13, w2 = self.w13[layer], self.w2[layer]
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                gate, up = F.linear(x[start:start + c], w13[e]).chunk(2, dim=-1)   # [c, I] each
+                y[start:start + c] = F.linear(F.silu(gate) * up, w2[e])            # [c, H]
+                start += c
+        y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
+        return out.index_add_(0, tokens, y)
+
+
+def dense_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every expert over every token, masked by routing: slow, obviously right (a test oracle).
+
+    w13 [E, 2I, H], w2 [E, H, I] for all E experts."""
+    out = torch.zeros_like(hidden)
+    for e in range(w13.shape[0]):
+        gate, up = F.linear(hidden, w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e])                               # [n, H]
+        weight = (topk_weights * (topk_ids == e)).sum(-1, keepdim=True)      # [n, 1]
+        out += weight.to(y.dtype) * y
+    return out

@@ -1,0 +1,49 @@
+"""ExpertRank: a plain class; `actor.py` wraps it for Ray.
+
+Driven by data, not calls: `serve()` loops on the transfer — wait for the next (layer, micro-batch)
+from every attention rank, run the grouped experts over all their tokens at once, send each
+attention rank its rows back — until every attention rank has sent its shutdown header.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from expert_node.experts import ExpertShard
+from models.checkpoint import CheckpointReader, torch_dtype
+from models.spec import ModelSpec
+from transfer.base import ExpertTransfer
+
+
+class ExpertRank:
+    def __init__(self, rank: int, spec: ModelSpec, experts: list[int], dtype: str, model_dir: str,
+                 device: str = "cpu"):
+        self.rank = rank
+        self.spec = spec
+        self.device = torch.device(device)
+        reader = CheckpointReader(model_dir)
+        self.shard = ExpertShard.load(spec, reader, experts, torch_dtype(dtype), self.device)
+        self.tensors_read = list(reader.names_read)
+        reader.close()
+        self.stats = {"micro_batches": 0, "tokens": 0, "compute_s": 0.0, "wait_s": 0.0}
+
+    @torch.inference_mode()
+    def serve(self, transfer: ExpertTransfer) -> dict:
+        """Run until shutdown; returns counters (micro-batches, tokens, seconds computing and waiting)."""
+        while True:
+            t0 = time.perf_counter()
+            batch = transfer.dispatch_wait()
+            t1 = time.perf_counter()
+            self.stats["wait_s"] += t1 - t0
+            if batch is None:
+                transfer.close()
+                return dict(self.stats)
+            counts = [h.shape[0] for h in batch.hidden]
+            out = self.shard.forward(batch.layer, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
+                                     torch.cat(batch.topk_weights))
+            transfer.combine_launch(batch, list(out.split(counts)))
+            self.stats["micro_batches"] += 1
+            self.stats["tokens"] += sum(counts)
+            self.stats["compute_s"] += time.perf_counter() - t1

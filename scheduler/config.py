@@ -1,0 +1,79 @@
+"""Engine configuration: one frozen dataclass, validated at construction.
+
+CLI flags are generated from these fields (name → `--name-with-dashes`, help from metadata), so
+`shuttle run`, `shuttle serve` and the tuner cannot drift apart. Values that follow from the
+config and the model (KV blocks per rank, context length, EOS ids) live in `EngineLimits`, built
+once and never written back into the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _opt(default, help_text: str, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    attention_ranks: int = _opt(1, "attention ranks (data parallel; each owns its requests and KV cache)")
+    expert_ranks: int = _opt(1, "expert ranks (expert parallel; any split of the experts is valid)")
+    micro_batches: int = _opt(2, "micro-batches per step that ping-pong between attention and experts")
+    dtype: str = _opt("float32", "weights and activations dtype", choices=("float32", "bfloat16"))
+    block_size: int = _opt(16, "tokens per KV cache block")
+    kv_cache_tokens: int = _opt(0, "KV cache capacity per attention rank, in tokens (0: max-num-seqs × context, capped at 65536)")
+    max_num_seqs: int = _opt(64, "most requests running at once per attention rank")
+    max_batch_tokens: int = _opt(512, "most tokens per attention rank per step (decode tokens plus prefill chunks)")
+    max_model_len: int = _opt(0, "context length limit, prompt plus output (0: the model's max_position_embeddings, capped at 8192)")
+    max_queue: int = _opt(1024, "most requests waiting for admission; more are refused")
+    transfer_timeout_s: float = _opt(60.0, "seconds any token transfer may wait for a peer before the step fails")
+    step_timeout_s: float = _opt(600.0, "seconds a whole step may take before the head declares the ranks dead")
+    cpus_per_rank: float = _opt(0.0, "Ray CPUs reserved per rank (0: share this node's CPUs evenly)")
+    threads_per_rank: int = _opt(0, "torch threads per rank (0: its share of the node's cores, at least 1)")
+
+    def __post_init__(self) -> None:
+        for name in ("attention_ranks", "expert_ranks", "micro_batches", "block_size", "max_num_seqs",
+                     "max_batch_tokens", "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("kv_cache_tokens", "max_model_len", "threads_per_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.transfer_timeout_s <= 0 or self.step_timeout_s <= 0:
+            raise ValueError("transfer_timeout_s and step_timeout_s must be positive")
+        if self.cpus_per_rank < 0:
+            raise ValueError(f"cpus_per_rank must be >= 0, got {self.cpus_per_rank!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Derived once from (EngineConfig, model): never stored back into the config."""
+
+    max_model_len: int
+    kv_blocks_per_rank: int
+    block_size: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def derive(cls, config: EngineConfig, *, max_position_embeddings: int, vocab_size: int,
+               eos_token_ids: tuple[int, ...]) -> "EngineLimits":
+        max_len = config.max_model_len or min(max_position_embeddings, 8192)
+        if max_len > max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings {max_position_embeddings}")
+        kv_tokens = config.kv_cache_tokens or min(config.max_num_seqs * max_len, 65536)
+        blocks = -(-kv_tokens // config.block_size)
+        return cls(max_model_len=max_len, kv_blocks_per_rank=blocks, block_size=config.block_size,
+                   vocab_size=vocab_size, eos_token_ids=tuple(eos_token_ids))

@@ -1,0 +1,96 @@
+"""The head's step loop: schedule → run the attention ranks → postprocess.
+
+`RankGroup` is what the head needs from the deployment (cluster/ provides it over Ray actors; tests
+provide fakes). The engine is single-threaded; `scheduler/async_engine.py` runs it on a thread for
+servers.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from dataclasses import dataclass
+
+from scheduler.config import EngineConfig, EngineLimits
+from scheduler.messages import StepPlan, StepResult
+from scheduler.request import FinishReason, RequestOutput, SamplingParams
+from scheduler.scheduler import Scheduler
+
+
+class RankGroup(abc.ABC):
+    """The attention ranks of one deployment, seen from the head."""
+
+    @abc.abstractmethod
+    def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Run one step on every attention rank (plans[i] → rank i) and return their results.
+
+        Raises a RuntimeError naming the failed rank if any rank fails or misses its deadline."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop every rank (attention and expert) and release their resources."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as offline generation returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    logits: list[list[float]] | None = None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, limits: EngineLimits, ranks: RankGroup):
+        self.config = config
+        self.limits = limits
+        self.ranks = ranks
+        self.scheduler = Scheduler(config, limits)
+        self.return_logits = False
+
+    def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams,
+                    request_id: str | None = None) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        self.scheduler.add(request_id, prompt_token_ids, sampling)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        plans = self.scheduler.schedule(return_logits=self.return_logits)
+        if plans is None:
+            return []
+        results = self.ranks.run_step(plans)
+        return self.scheduler.update(results)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
+                 progress=None) -> list[Completion]:
+        """Offline batch generation: every prompt to completion, in input order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        tokens = {i: [] for i in ids}
+        logprobs = {i: [] for i in ids}
+        logits = {i: [] for i in ids}
+        reasons: dict[str, FinishReason] = {}
+        while len(reasons) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.new_token_ids
+                logprobs[out.request_id] += out.new_logprobs
+                if out.logits is not None:
+                    logits[out.request_id].append(out.logits)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+                    if progress:
+                        progress(len(reasons), len(ids))
+        return [Completion(i, p, tokens[i], logprobs[i], reasons[i], logits[i] or None)
+                for i, p in zip(ids, prompts)]
+
+    def shutdown(self) -> None:
+        self.ranks.shutdown()

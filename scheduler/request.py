@@ -1,0 +1,110 @@
+"""A generation request and its lifecycle (no torch here: plain data the head reasons about).
+
+Lifecycle: WAITING (queued, no rank, no KV) → RUNNING (on one attention rank, holding KV blocks;
+first its prompt is prefilled, possibly in chunks over several steps, then one token per step)
+→ FINISHED (length, eos, stop token, or aborted). A RUNNING request may be preempted back to
+WAITING when its rank runs out of KV blocks; it then recomputes its prompt plus what it generated.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served; `field` names the offending input."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"        # max_tokens reached (or the context is full)
+    EOS = "eos"              # the model's end-of-sequence token
+    STOP = "stop"            # a stop token id (or, in the server, a stop string)
+    CANCELLED = "cancelled"  # aborted by the client or the server
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                 # 0: no top-k cut
+    seed: int | None = None        # per-request seed: the same seed gives the same tokens
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("temperature", f"must be a number >= 0, got {self.temperature!r}")
+        if math.isinf(self.temperature):
+            raise InvalidRequest("temperature", "must be finite")
+        if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestState(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = 0.0
+    state: RequestState = RequestState.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    rank: int | None = None          # attention rank while RUNNING
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0            # tokens whose KV is in the cache
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens not yet in the KV cache: the prompt (or its rest) while prefilling, 1 in decode."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (the engine's answer to its caller)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    finished: bool
+    finish_reason: FinishReason | None
+    logits: list[float] | None = None  # only when the engine was asked to return logits (tests)
