@@ -27,7 +27,8 @@ class ExpertRank:
         self.shard = ExpertShard.load(spec, reader, experts, torch_dtype(dtype), self.device)
         self.tensors_read = list(reader.names_read)
         reader.close()
-        self.stats = {"micro_batches": 0, "tokens": 0, "compute_s": 0.0, "wait_s": 0.0}
+        # empty_messages: (attention rank, layer, micro-batch) messages that routed no token here
+        self.stats = {"micro_batches": 0, "tokens": 0, "empty_messages": 0, "compute_s": 0.0, "wait_s": 0.0}
 
     @torch.inference_mode()
     def serve(self, transfer: ExpertTransfer) -> dict:
@@ -46,4 +47,5 @@ class ExpertRank:
             transfer.combine_launch(batch, list(out.split(counts)))
             self.stats["micro_batches"] += 1
             self.stats["tokens"] += sum(counts)
+            self.stats["empty_messages"] += counts.count(0)
             self.stats["compute_s"] += time.perf_counter() - t1

@@ -1,0 +1,73 @@
+"""The gloo backend between real processes (no Ray): a round trip, and a silent peer's clear error."""
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+H, K = 16, 2
+OWNER = [0, 0, 1, 1]   # 4 experts over 2 expert ranks; global ranks: attention 0, experts 1 and 2
+
+
+def _expert(rank: int, port: int, mode: str) -> None:
+    from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane
+    init_data_plane("127.0.0.1", port, rank, 3, "gloo")
+    t = TorchDistExpertTransfer(rank - 1, 1, H, K, torch.float32, torch.device("cpu"), timeout_s=10)
+    if mode == "silent":
+        time.sleep(30)
+        os._exit(0)
+    while (batch := t.dispatch_wait()) is not None:
+        # "expert e" multiplies by (e + 1): output = sum over local experts of weight · (e + 1) · x
+        outs = []
+        for x, ids, w in zip(batch.hidden, batch.topk_ids, batch.topk_weights):
+            local = (torch.tensor(OWNER)[ids] == rank - 1)
+            outs.append(x * ((ids + 1) * w * local).sum(-1, keepdim=True))
+        t.combine_launch(batch, outs)
+    t.close()
+
+
+def _run(mode: str, timeout_s: float):
+    from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, leave_data_plane
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_expert, args=(r, store.port, mode), daemon=True) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    init_data_plane("127.0.0.1", store.port, 0, 3, "gloo")
+    try:
+        t = TorchDistAttentionTransfer(0, 1, OWNER, H, K, torch.float32, torch.device("cpu"), timeout_s=timeout_s)
+        x = torch.randn(6, H)
+        ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0], [3, 1], [0, 1]])   # rank 1 gets no token of layer... some rows
+        w = torch.rand(6, K)
+        results = []
+        for layer in range(2):
+            handles = [t.dispatch_launch(1, layer, j, x, ids, w) for j in range(2)]
+            results += [t.combine_wait(h) for h in handles]
+        t.close()
+        return x, ids, w, results
+    finally:
+        leave_data_plane()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+def test_round_trip_sums_expert_outputs_per_token():
+    x, ids, w, results = _run("echo", timeout_s=20)
+    expected = x * ((ids + 1) * w).sum(-1, keepdim=True)
+    for got in results:
+        torch.testing.assert_close(got, expected)
+
+
+def test_silent_expert_fails_with_peer_layer_and_micro_batch_named():
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        _run("silent", timeout_s=2)
+    assert time.monotonic() - t0 < 20
+    msg = str(err.value)
+    assert "expert rank 0" in msg and "layer 0" in msg and "micro-batch 0" in msg and "2s" in msg
