@@ -55,6 +55,7 @@ class RequestStream:
     scheduled_at: float | None = None    # start of the first step that ran it
     first_token_at: float | None = None
     last_token_at: float | None = None
+    tokens: int = 0
     finished: bool = False
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
 
@@ -71,6 +72,7 @@ class RequestStream:
         return item
 
     def _push(self, out: RequestOutput, at: float) -> None:
+        self.tokens += len(out.new_token_ids)
         if out.new_token_ids:
             self.first_token_at = self.first_token_at or at
             self.last_token_at = at
@@ -82,6 +84,7 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.on_failure = None  # called on the event loop with the reason when the engine dies
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._cv = threading.Condition()
@@ -102,6 +105,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop the engine thread (after its current step), fail what is left, stop the ranks. Blocking."""
+        self.on_failure = None  # a shutdown is not a failure
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -247,3 +251,5 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._queue.put_nowait(EngineStopped(reason))
+        if self.on_failure is not None:
+            self.on_failure(reason)

@@ -1,0 +1,320 @@
+"""The gRPC front door: `shuttle.v1.Generation` over one AsyncEngine, plus health and reflection.
+
+Lifecycle: `start()` binds the port with health NOT_SERVING (load balancers wait while weights
+load; generation calls get UNAVAILABLE); `attach()` hands it the engine and turns health SERVING;
+`drain()` turns health NOT_SERVING, refuses new calls, lets in-flight requests finish for a grace
+period, cancels the rest (they end with FINISH_REASON_CANCELLED), stops the server and the engine.
+
+Every call in flight is a `GenerationJob`: its engine stream, detokeniser and stop strings. When a
+call ends early (client cancel, disconnect, deadline) its handler is cancelled and the job aborts
+the engine request, so the KV blocks are free at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from scheduler.async_engine import AsyncEngine, EngineStopped
+from scheduler.detokenize import IncrementalDetokenizer, StopStrings
+from scheduler.request import FinishReason, InvalidRequest
+from scheduler.request_proto import (check_wire, engine_field, parse_generate_request, to_engine_request)
+from scheduler.scheduler import QueueFull
+from shuttle.v1 import generation_pb2 as pb
+
+log = logging.getLogger("shuttle.server")
+
+SERVICE = "shuttle.v1.Generation"
+FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
+          FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What clients are told about the model (built by the console script from the deployment)."""
+
+    name: str
+    family: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    hidden_size: int
+    dtype: str
+    expert_owner: tuple[int, ...]   # expert e lives on expert rank expert_owner[e]
+    tokenizer: object | None = None  # a `tokenizers.Tokenizer`, or None for token-id-only models
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051                   # 0: any free port (see `Server.port`)
+    max_request_bytes: int = 1 << 20    # larger requests: INVALID_ARGUMENT; beyond 4x, gRPC's RESOURCE_EXHAUSTED
+    auth_token: str | None = None       # require "authorization: Bearer <token>" (health is exempt)
+    tls_cert: bytes | None = None       # PEM; with tls_key, serve TLS only
+    tls_key: bytes | None = None
+    drain_grace_s: float = 30.0
+
+
+@dataclass
+class GenerationJob:
+    """One call in flight: turns engine outputs into token ids, text and a finish reason."""
+
+    request_id: str
+    prompt_len: int
+    detok: IncrementalDetokenizer | None
+    stops: StopStrings
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    def feed(self, out) -> tuple[list[int], str, list[float]]:
+        """New (token ids, final text, logprobs) from one engine output; sets `finish` at the end."""
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.new_logprobs
+        text = ""
+        if self.detok is not None:
+            text, stopped = self.stops.feed(self.detok.add(out.new_token_ids))
+            if stopped:
+                self.finish = FinishReason.STOP
+            elif out.finished:
+                tail, stopped = self.stops.feed(self.detok.flush())
+                text += tail if stopped else tail + self.stops.flush()
+                self.finish = FinishReason.STOP if stopped else out.finish_reason
+        elif out.finished:
+            self.finish = out.finish_reason
+        self.text.append(text)
+        return list(out.new_token_ids), text, list(out.new_logprobs)
+
+
+class Server:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.engine: AsyncEngine | None = None
+        self.model: ServedModel | None = None
+        self.port: int | None = None
+        self.state = pb.ServerStatus.STATE_LOADING
+        self.health = health.aio.HealthServicer()
+        self.started_at = time.monotonic()
+        self.failed = asyncio.Event()
+        self._jobs: dict[str, GenerationJob] = {}
+        limit = max(4 * options.max_request_bytes, 4 << 20)
+        interceptors = [BearerTokenAuth(options.auth_token)] if options.auth_token else []
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> int:
+        self._grpc.add_generic_rpc_handlers([self._handlers()])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self._grpc)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls_cert:
+            creds = grpc.ssl_server_credentials([(self.options.tls_key, self.options.tls_cert)])
+            self.port = self._grpc.add_secure_port(address, creds)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._grpc.start()
+        return self.port
+
+    async def attach(self, engine: AsyncEngine, model: ServedModel) -> None:
+        """Serve this engine (already started on this loop): health turns SERVING."""
+        self.engine, self.model = engine, model
+        engine.on_failure = self._engine_failed
+        self.state = pb.ServerStatus.STATE_SERVING
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting, finish in-flight work within the grace period, then stop everything."""
+        grace_s = self.options.drain_grace_s if grace_s is None else grace_s
+        if self.state != pb.ServerStatus.STATE_FAILED:
+            self.state = pb.ServerStatus.STATE_DRAINING
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace_s
+        while self._jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._jobs:
+            log.warning("drain: cancelling %d requests still running after %.1fs", len(self._jobs), grace_s)
+            for request_id in list(self._jobs):
+                self.engine.abort(request_id)
+            end = time.monotonic() + 5.0
+            while self._jobs and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+        await self._grpc.stop(grace=2.0)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+    def _engine_failed(self, reason: str) -> None:
+        self.state = pb.ServerStatus.STATE_FAILED
+        for service in ("", SERVICE):
+            asyncio.ensure_future(self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.failed.set()
+
+    # ---- handlers ----------------------------------------------------------------------------
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def unary(fn, parse, out):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=parse, response_serializer=out.SerializeToString)
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": unary(self.Generate, parse_generate_request, pb.GenerateResponse),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                self.GenerateStream, request_deserializer=parse_generate_request,
+                response_serializer=pb.GenerateChunk.SerializeToString),
+            "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo),
+            "GetServerStatus": unary(self.GetServerStatus, pb.GetServerStatusRequest.FromString, pb.ServerStatus),
+        })
+
+    async def Generate(self, request, context) -> pb.GenerateResponse:
+        job, stream = await self._begin(request, context)
+        try:
+            async for out in stream:
+                job.feed(out)
+                if job.finish is not None:
+                    break
+            return pb.GenerateResponse(request_id=job.request_id, token_ids=job.token_ids, text="".join(job.text),
+                                       finish_reason=FINISH[job.finish], logprobs=job.logprobs if self._wants_logprobs(request) else [],
+                                       usage=self._usage(job), timing=self._timing(stream))
+        except EngineStopped as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self._end(job)
+
+    async def GenerateStream(self, request, context):
+        job, stream = await self._begin(request, context)
+        logprobs = self._wants_logprobs(request)
+        try:
+            async for out in stream:
+                ids, text, lps = job.feed(out)
+                chunk = pb.GenerateChunk(request_id=job.request_id, token_ids=ids, text=text,
+                                         logprobs=lps if logprobs else [])
+                if job.finish is not None:
+                    chunk.finish_reason = FINISH[job.finish]
+                    chunk.usage.CopyFrom(self._usage(job))
+                    chunk.timing.CopyFrom(self._timing(stream))
+                    yield chunk
+                    return
+                yield chunk
+        except EngineStopped as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self._end(job)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        m = self.model
+        if m is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return pb.ModelInfo(name=m.name, family=m.family, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
+                            eos_token_ids=m.eos_token_ids, has_tokenizer=m.tokenizer is not None, num_layers=m.num_layers,
+                            num_experts=m.num_experts, experts_per_token=m.experts_per_token, hidden_size=m.hidden_size,
+                            dtype=m.dtype, max_request_bytes=self.options.max_request_bytes)
+
+    async def GetServerStatus(self, request, context) -> pb.ServerStatus:
+        status = pb.ServerStatus(state=self.state, uptime_s=time.monotonic() - self.started_at)
+        if self.engine is None:
+            return status
+        c = self.engine.engine.config
+        s = self.engine.status()
+        status.MergeFrom(pb.ServerStatus(
+            attention_ranks=c.attention_ranks, expert_ranks=c.expert_ranks, micro_batches=c.micro_batches,
+            max_batch_tokens=c.max_batch_tokens, max_num_seqs=c.max_num_seqs, max_queue=c.max_queue,
+            waiting=s.waiting, running=s.running, steps=s.steps, requests_finished=s.requests_finished,
+            tokens_generated=s.tokens_generated, error=s.error or ""))
+        block_size = self.engine.engine.limits.block_size
+        for r, (used, total) in enumerate(s.kv_usage):
+            status.kv.add(attention_rank=r, used_blocks=used, total_blocks=total, block_size=block_size)
+        owner = self.model.expert_owner
+        for r in range(c.expert_ranks):
+            status.placement.add(expert_rank=r, expert_ids=[e for e, o in enumerate(owner) if o == r])
+        return status
+
+    # ---- a call's start and end --------------------------------------------------------------
+    async def _begin(self, request, context) -> tuple[GenerationJob, object]:
+        if self.state == pb.ServerStatus.STATE_LOADING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
+        if self.state == pb.ServerStatus.STATE_DRAINING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down)")
+        if self.state == pb.ServerStatus.STATE_FAILED:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine failed: {self.engine.error}")
+        m = self.model
+        kind = None
+        try:
+            check_wire(request, self.options.max_request_bytes)
+            kind = request.WhichOneof("input")
+            req = to_engine_request(request, m.tokenizer, m.vocab_size, lambda: uuid.uuid4().hex)
+            if req.request_id in self._jobs:
+                raise InvalidRequest("request_id", f"{req.request_id!r} is already in flight")
+            stream = await self.engine.submit(req.prompt_token_ids, req.sampling, req.request_id)
+        except InvalidRequest as e:
+            name = engine_field(e.field, kind)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {str(e).split(': ', 1)[-1]}")
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineStopped as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        detok = IncrementalDetokenizer(m.tokenizer, req.prompt_token_ids) if m.tokenizer is not None else None
+        job = GenerationJob(req.request_id, len(req.prompt_token_ids), detok, StopStrings(req.stop))
+        self._jobs[req.request_id] = job
+        return job, stream
+
+    def _end(self, job: GenerationJob) -> None:
+        """Always runs (finished, cancelled, deadline, error): a request that did not finish is aborted."""
+        self._jobs.pop(job.request_id, None)
+        if job.finish is None or job.finish is FinishReason.STOP:
+            self.engine.abort(job.request_id)  # no-op if the engine already finished it
+
+    @staticmethod
+    def _wants_logprobs(request) -> bool:
+        return request.sampling.logprobs
+
+    @staticmethod
+    def _usage(job: GenerationJob) -> pb.Usage:
+        return pb.Usage(prompt_tokens=job.prompt_len, completion_tokens=len(job.token_ids))
+
+    @staticmethod
+    def _timing(stream) -> pb.Timing:
+        end = stream.last_token_at or time.monotonic()
+        first = stream.first_token_at or end
+        n = 0 if stream.first_token_at is None else max(0, stream.tokens - 1)
+        return pb.Timing(queue_s=(stream.scheduled_at or end) - stream.arrival, time_to_first_token_s=first - stream.arrival,
+                         time_per_output_token_s=(end - first) / n if n else 0.0, total_s=end - stream.arrival)
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Every call but health checks needs `authorization: Bearer <token>` (compared in constant time)."""
+
+    EXEMPT = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.EXEMPT):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(details)
+        if details.method.endswith("/GenerateStream"):
+            return self._deny_stream
+        if "ServerReflection" in details.method:
+            return self._deny_bidi
+        return self._deny

@@ -1,0 +1,46 @@
+"""A Shuttle gRPC server on its own event-loop thread inside the test process, for sync clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from scheduler.async_engine import AsyncEngine
+from scheduler.server import Server, ServerOptions
+
+
+class ServerThread:
+    def __init__(self, options: ServerOptions | None = None):
+        self.options = options or ServerOptions(port=0)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
+        self._thread.start()
+        self.server: Server = self.call(self._make())
+        self.port = self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+        self.async_engine: AsyncEngine | None = None
+
+    async def _make(self) -> Server:
+        return Server(self.options)  # built on the loop: its asyncio objects belong to it
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def attach(self, engine, model) -> "ServerThread":
+        async def attach():
+            self.async_engine = AsyncEngine(engine)
+            self.async_engine.start()
+            await self.server.attach(self.async_engine, model)
+        self.call(attach())
+        return self
+
+    def drain(self, grace_s: float = 5.0) -> None:
+        """Drain and stop the server (and the engine), then end the loop thread."""
+        try:
+            if self.async_engine is None:
+                self.call(self.server._grpc.stop(grace=None))
+            else:
+                self.call(self.server.drain(grace_s), timeout=grace_s + 120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

@@ -1,0 +1,75 @@
+"""A fake deployment for server tests: an Engine over fake attention ranks, a tokenizer, a ServedModel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from scheduler.config import EngineConfig, EngineLimits
+from scheduler.engine import Engine, RankGroup
+from scheduler.messages import SampledToken, StepResult
+from scheduler.server import ServedModel
+
+VOCAB = 768
+
+
+def fake_token(last_token: int, position: int) -> int:
+    """Deterministic 'model': the next token follows from the last one and its position (never 0 = EOS)."""
+    return 1 + (last_token * 7 + position * 13) % (VOCAB - 1)
+
+
+class FakeRanks(RankGroup):
+    """Attention ranks that sample `fake_token`; optional per-step delay and a step that fails."""
+
+    def __init__(self, step_s: float = 0.0, fail_at_step: int | None = None):
+        self.step_s = step_s
+        self.fail_at_step = fail_at_step
+        self.released: list[str] = []
+        self.shut = threading.Event()
+
+    def run_step(self, plans):
+        if self.step_s:
+            time.sleep(self.step_s)
+        if self.fail_at_step is not None and plans[0].step >= self.fail_at_step:
+            raise RuntimeError(f"step {plans[0].step}: attention rank 0 died (injected)")
+        results = []
+        for rank, plan in enumerate(plans):
+            self.released += plan.released
+            tokens = [SampledToken(c.request_id, fake_token(c.token_ids[-1], c.context_len), -0.5)
+                      for mb in plan.micro_batches for c in mb if c.sample]
+            results.append(StepResult(plan.step, rank, tokens))
+        return results
+
+    def shutdown(self):
+        self.shut.set()
+
+
+def expected_tokens(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(fake_token(seq[-1], len(seq)))
+    return seq[len(prompt):]
+
+
+def fake_engine(step_s=0.0, fail_at_step=None, eos=(), max_len=256, blocks=64, **cfg) -> Engine:
+    config = EngineConfig(**{"block_size": 4, "attention_ranks": 2, "max_num_seqs": 8, **cfg})
+    limits = EngineLimits(max_model_len=max_len, kv_blocks_per_rank=blocks, block_size=4, vocab_size=VOCAB,
+                          eos_token_ids=tuple(eos))
+    return Engine(config, limits, FakeRanks(step_s, fail_at_step))
+
+
+_TOKENIZER = []
+
+
+def tokenizer():
+    if not _TOKENIZER:
+        from models.embedded import build_tokenizer
+        _TOKENIZER.append(build_tokenizer())
+    return _TOKENIZER[0]
+
+
+def served_model(engine: Engine, with_tokenizer: bool = True) -> ServedModel:
+    return ServedModel(name="fake", family="mixtral", vocab_size=VOCAB, max_model_len=engine.limits.max_model_len,
+                       eos_token_ids=engine.limits.eos_token_ids, num_layers=2, num_experts=4, experts_per_token=2,
+                       hidden_size=8, dtype="float32", expert_owner=(0, 0, 1, 1),
+                       tokenizer=tokenizer() if with_tokenizer else None)
