@@ -100,6 +100,7 @@ class AsyncEngine:
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
+        self._count([])  # the first snapshot, before any step
         self._thread = threading.Thread(target=self._run, name="shuttle-engine", daemon=True)
         self._thread.start()
 

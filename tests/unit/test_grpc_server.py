@@ -147,6 +147,7 @@ def test_cancel_and_deadline_free_the_kv_blocks(client):
 
 
 def test_status_and_model_info(client):
+    client.generate(token_ids=[9], max_tokens=2)
     info = client.model_info()
     assert info.vocab_size == VOCAB and info.max_model_len == 256 and info.has_tokenizer
     status = client.status()
