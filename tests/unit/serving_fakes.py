@@ -71,5 +71,5 @@ def tokenizer():
 def served_model(engine: Engine, with_tokenizer: bool = True) -> ServedModel:
     return ServedModel(name="fake", family="mixtral", vocab_size=VOCAB, max_model_len=engine.limits.max_model_len,
                        eos_token_ids=engine.limits.eos_token_ids, num_layers=2, num_experts=4, experts_per_token=2,
-                       hidden_size=8, dtype="float32", expert_owner=(0, 0, 1, 1),
+                       hidden_size=8, dtype="float32", expert_owner=(0, 0, 0, 0),
                        tokenizer=tokenizer() if with_tokenizer else None)
