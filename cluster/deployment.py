@@ -35,6 +35,14 @@ class DeploymentError(RuntimeError):
     """A rank failed or did not answer; the message names which and why."""
 
 
+def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLimits, Placement]:
+    """What a deployment of this model with this config would be, checked without starting anything."""
+    spec = load_spec(model_dir)
+    limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
+                                 vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
+    return spec, limits, Placement.contiguous(spec.num_experts, config.expert_ranks)
+
+
 class Deployment(RankGroup):
     def __init__(self, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, placement: Placement,
                  attention, experts, groups, store, serve_refs, owns_ray: bool):
@@ -51,10 +59,7 @@ class Deployment(RankGroup):
     @classmethod
     def start(cls, model_dir: str, config: EngineConfig, address: str | None = None,
               progress=lambda msg: None) -> "Deployment":
-        spec = load_spec(model_dir)
-        limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
-                                     vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
-        placement = Placement.contiguous(spec.num_experts, config.expert_ranks)
+        spec, limits, placement = describe(model_dir, config)
         owns_ray = start_ray(address)
         n_ranks = config.attention_ranks + config.expert_ranks
         cpus = config.cpus_per_rank or min(1.0, ray.cluster_resources().get("CPU", 1) / n_ranks)
@@ -133,9 +138,12 @@ def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
             ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             raise DeploymentError(f"{what}: {names[i]} did not answer within {timeout_s:g}s") from None
-        except ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None) or e
-            raise DeploymentError(f"{what} failed on {names[i]}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else cause!r}") from e
+        except ray.exceptions.RayTaskError as e:   # the rank raised: its own message says what happened
+            cause = e.cause if e.cause is not None else e
+            text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+            raise DeploymentError(f"{what} failed on {names[i]}: {type(cause).__name__}: {text}") from e
+        except ray.exceptions.RayError as e:       # the rank's process died
+            raise DeploymentError(f"{what} failed on {names[i]}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     return ray.get(refs)
 
 

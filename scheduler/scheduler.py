@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from dataclasses import replace
 
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.kv_blocks import BlockPool
@@ -26,6 +27,22 @@ from scheduler.request import (FinishReason, InvalidRequest, Request, RequestOut
 
 class QueueFull(RuntimeError):
     """The waiting queue is at `max_queue`; the caller should retry later."""
+
+
+def validate_request(lim: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+    """Raise InvalidRequest (naming the field) for a request this deployment can never serve."""
+    if not prompt_token_ids:
+        raise InvalidRequest("prompt", "is empty")
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < lim.vocab_size]
+    if bad:
+        raise InvalidRequest("token_ids", f"{bad[:5]} outside the vocabulary [0, {lim.vocab_size})")
+    if len(prompt_token_ids) >= lim.max_model_len:
+        raise InvalidRequest("prompt", f"has {len(prompt_token_ids)} tokens; the context holds {lim.max_model_len} (prompt plus output)")
+    if len(prompt_token_ids) + sampling.max_tokens > lim.max_model_len:
+        raise InvalidRequest("max_tokens", f"{sampling.max_tokens} plus the {len(prompt_token_ids)}-token prompt exceeds the context of {lim.max_model_len}")
+    need = -(-(len(prompt_token_ids) + sampling.max_tokens) // lim.block_size)
+    if need > lim.kv_blocks_per_rank:
+        raise InvalidRequest("max_tokens", f"the request needs {need} KV blocks and a rank has only {lim.kv_blocks_per_rank}: it can never fit")
 
 
 class Scheduler:
@@ -44,33 +61,17 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
-        self.validate(prompt_token_ids, sampling)
+        validate_request(self.limits, prompt_token_ids, sampling)
         if request_id in self.requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting)")
         if sampling.seed is None:  # every request samples from its own seed: reproducible, batch-independent
-            from dataclasses import replace
             sampling = replace(sampling, seed=random.getrandbits(63))
         req = Request(request_id, list(prompt_token_ids), sampling, arrival_time=time.monotonic())
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
-
-    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        lim = self.limits
-        if not prompt_token_ids:
-            raise InvalidRequest("prompt", "is empty")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < lim.vocab_size]
-        if bad:
-            raise InvalidRequest("token_ids", f"{bad[:5]} outside the vocabulary [0, {lim.vocab_size})")
-        if len(prompt_token_ids) >= lim.max_model_len:
-            raise InvalidRequest("prompt", f"has {len(prompt_token_ids)} tokens; the context holds {lim.max_model_len} (prompt plus output)")
-        if len(prompt_token_ids) + sampling.max_tokens > lim.max_model_len:
-            raise InvalidRequest("max_tokens", f"{sampling.max_tokens} plus the {len(prompt_token_ids)}-token prompt exceeds the context of {lim.max_model_len}")
-        need = self.pools[0].blocks_for(len(prompt_token_ids) + sampling.max_tokens)
-        if need > lim.kv_blocks_per_rank:
-            raise InvalidRequest("max_tokens", f"the request needs {need} KV blocks and a rank has only {lim.kv_blocks_per_rank}: it can never fit")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.get(request_id)

@@ -89,7 +89,8 @@ def resolve_model(model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.deployment import build_engine
+    from cluster.deployment import build_engine, describe
+    from scheduler.scheduler import validate_request
     from shuttle.cli import engine_config
     from shuttle.plan_file import load_plan_values
 
@@ -105,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[shuttle] {msg}", file=sys.stderr, flush=True)
 
+    _, limits, _ = describe(model_dir, config)      # refuse bad input before starting any process
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        try:
+            validate_request(limits, prompt, p)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
     t0 = time.monotonic()
     engine = build_engine(model_dir, config, address=args.address, progress=say)
     try:

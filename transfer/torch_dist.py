@@ -8,6 +8,7 @@ except an expert rank's wait for the next header (see `transfer/base.py`).
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,14 @@ def _wait(work, timeout_s: float | None, what: str) -> None:
         else:
             work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as e:
-        raise TransferError(f"{what}: {str(e).splitlines()[0]}") from e
+        raise TransferError(f"{what}: {_gloo_reason(e)}") from e
+
+
+def _gloo_reason(e: Exception) -> str:
+    """gloo's message without its source path and boilerplate: 'Connection reset by peer', ..."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0]
 
 
 @dataclass
@@ -85,10 +93,10 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
         where = f"step {handle.step}, layer {handle.layer}, micro-batch {handle.micro_batch}"
         for e, idx, buf, work in handle.recvs:
-            _wait(work, self.timeout_s, f"attention rank {self.rank}: no combine from expert rank {e} ({where}) within {self.timeout_s:g}s")
+            _wait(work, self.timeout_s, f"attention rank {self.rank}: no combine from expert rank {e} ({where}; timeout {self.timeout_s:g}s)")
             out.index_add_(0, idx, buf)
         for work, _, e in handle.sends:
-            _wait(work, self.timeout_s, f"attention rank {self.rank}: dispatch to expert rank {e} ({where}) not delivered within {self.timeout_s:g}s")
+            _wait(work, self.timeout_s, f"attention rank {self.rank}: dispatch to expert rank {e} ({where}; timeout {self.timeout_s:g}s) not delivered")
         return out
 
     def close(self) -> None:
@@ -134,7 +142,7 @@ class TorchDistExpertTransfer(ExpertTransfer):
         batch = ExpertBatch(h0.step, h0.layer, h0.micro_batch, [], [], [])
         for a, (bufs, works) in enumerate(posted):
             for work in works:
-                _wait(work, self.timeout_s, f"expert rank {self.rank}: payload from attention rank {a} ({where}) missing after {self.timeout_s:g}s")
+                _wait(work, self.timeout_s, f"expert rank {self.rank}: payload from attention rank {a} ({where}; timeout {self.timeout_s:g}s) missing")
             if bufs:
                 hidden, ids, weights = unpack_payload(bufs, self.hidden_size, self.top_k)
             else:
