@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from scheduler.engine import Engine
 from scheduler.request import RequestOutput, RequestState, SamplingParams
+from scheduler.scheduler import validate_request
 
 log = logging.getLogger("shuttle.async_engine")
 
@@ -129,7 +130,7 @@ class AsyncEngine:
     # ---- requests (event-loop side) ----------------------------------------------------------
     async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; raises InvalidRequest or QueueFull (from the engine), or EngineStopped."""
-        self.engine.scheduler.validate(prompt_token_ids, sampling)  # pure: reads only limits
+        validate_request(self.engine.limits, prompt_token_ids, sampling)  # at once, without waiting for a step
         if request_id in self._streams:
             from scheduler.request import InvalidRequest
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
