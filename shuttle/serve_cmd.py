@@ -94,8 +94,12 @@ async def _serve(args: argparse.Namespace, options) -> int:
     config = engine_config(args, load_plan_values(args.plan) if args.plan else None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def handle_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    handle_signals()
     server = Server(options)
     port = await server.start()
     scheme = "tls" if options.tls_cert else "plaintext"
@@ -107,6 +111,7 @@ async def _serve(args: argparse.Namespace, options) -> int:
     except BaseException:
         await server._grpc.stop(grace=None)
         raise
+    handle_signals()  # again: starting Ray installs its own SIGTERM handler, which aborts the process
     async_engine = AsyncEngine(engine)
     async_engine.start(loop)
     await server.attach(async_engine, model)
@@ -114,6 +119,8 @@ async def _serve(args: argparse.Namespace, options) -> int:
          f"{config.micro_batches} micro-batches) after {time.monotonic() - t0:.1f}s; health SERVING")
     example = '"Hello"' if model.tokenizer else "--prompt-ids 1,2,3"
     _say(f"try: shuttle generate --address {options.host}:{port} {example}")
+    if stop.is_set():
+        _say("stop requested while loading")
     failed = asyncio.ensure_future(server.failed.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
