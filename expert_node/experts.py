@@ -29,6 +29,7 @@ class ExpertShard:
         local = torch.full((spec.num_experts,), -1, dtype=torch.long)
         local[torch.tensor(self.experts, dtype=torch.long)] = torch.arange(len(self.experts))
         self.local_index = local                # [E] global expert id → local index, -1 if not ours
+        self.last_counts: list[int] = []        # rows per local expert in the last forward (for stats)
 
     @classmethod
     def load(cls, spec: ModelSpec, reader: CheckpointReader, experts: list[int], dtype: torch.dtype,
@@ -47,6 +48,7 @@ class ExpertShard:
         n, k = topk_ids.shape
         out = torch.zeros_like(hidden)
         if n == 0:
+            self.last_counts = []
             return out
         local = self.local_index[topk_ids].flatten()                      # [n·k]
         hit = (local >= 0).nonzero().flatten()                           # [p] pair indices
@@ -55,6 +57,7 @@ class ExpertShard:
         experts = local[pairs]
         tokens = pairs // k                                              # [p]
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
+        self.last_counts = counts
         x = hidden[tokens]                                               # [p, H]
         y = torch.empty_like(x)
         w13, w2 = self.w13[layer], self.w2[layer]

@@ -27,8 +27,13 @@ class ExpertRank:
         self.shard = ExpertShard.load(spec, reader, experts, torch_dtype(dtype), self.device)
         self.tensors_read = list(reader.names_read)
         reader.close()
-        # empty_messages: (attention rank, layer, micro-batch) messages that routed no token here
-        self.stats = {"micro_batches": 0, "tokens": 0, "empty_messages": 0, "compute_s": 0.0, "wait_s": 0.0}
+        # empty_messages: (attention rank, layer, micro-batch) messages that routed no token here;
+        # expert_gemms: expert weight matrices multiplied (one per expert hit per micro-batch);
+        # expert_reads: distinct (step, layer, expert) hit: the weight bytes a step must read at least
+        self.stats = {"micro_batches": 0, "tokens": 0, "empty_messages": 0, "expert_gemms": 0, "expert_reads": 0,
+                      "compute_s": 0.0, "wait_s": 0.0}
+        self._hit_key: tuple[int, int] | None = None
+        self._hit: set[int] = set()
 
     @torch.inference_mode()
     def serve(self, transfer: ExpertTransfer) -> dict:
@@ -48,4 +53,12 @@ class ExpertRank:
             self.stats["micro_batches"] += 1
             self.stats["tokens"] += sum(counts)
             self.stats["empty_messages"] += counts.count(0)
+            self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
             self.stats["compute_s"] += time.perf_counter() - t1
+
+    def _count_reads(self, key: tuple[int, int], hit: list[int]) -> None:
+        if key != self._hit_key:
+            self._hit_key, self._hit = key, set()
+        self.stats["expert_gemms"] += len(hit)
+        self.stats["expert_reads"] += len(set(hit) - self._hit)
+        self._hit.update(hit)

@@ -1,0 +1,188 @@
+"""Decode throughput: Shuttle (A=1, E=1, M=1 and M=2) beside Hugging Face `generate`, and the roofline.
+
+The model: Mixtral format, hidden 512, intermediate 1024, 8 layers, 16 experts top-2, 8 heads /
+2 KV heads, vocab 32000, float32, random weights (built once into --cache).
+
+For each batch size b: b prompts of --prompt-len tokens, then --steps decode steps.
+- HF: per-step decode time = (generate(steps) - generate(1)) / (steps - 1), all cores.
+- Shuttle: the median of the timed decode steps (after every request has its first token).
+- Roofline: bytes a decode step must read (non-expert weights, the distinct experts the batch hit —
+  counted by the expert rank —, and the KV cache) over the read bandwidth measured in this run.
+
+    .venv/bin/python bench/decode_bench.py [--batches 1 8 32 64] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+             "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(k, v)
+
+from cluster.deployment import Deployment  # noqa: E402
+from models.spec import load_spec  # noqa: E402
+from scheduler.config import EngineConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from scheduler.request import SamplingParams  # noqa: E402
+
+
+def build_model(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    from transformers import MixtralConfig, MixtralForCausalLM
+    print(f"building the benchmark model in {path} ...", file=sys.stderr)
+    cfg = MixtralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2,
+                        max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_bandwidth_gbs(mb: int = 1024, repeats: int = 7) -> float:
+    """Median GB/s of summing a buffer much larger than the caches, with all threads."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def prompts_for(batch: int, length: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed + batch)
+    return torch.randint(10, 32000, (batch, length), generator=g).tolist()
+
+
+def hf_step_ms(model_dir: str, batches: list[int], prompt_len: int, steps: int) -> dict[int, float]:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {}
+    with torch.no_grad():
+        for b in batches:
+            ids = torch.tensor(prompts_for(b, prompt_len))
+            mask = torch.ones_like(ids)
+
+            def gen(n):
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return time.perf_counter() - t0
+            gen(2)  # warm-up
+            runs = [(gen(steps) - gen(1)) / (steps - 1) for _ in range(3)]
+            out[b] = statistics.median(runs) * 1e3
+            print(f"  HF batch {b}: {out[b]:.1f} ms/step", file=sys.stderr)
+    del model
+    return out
+
+
+def shuttle_steps(model_dir: str, micro_batches: int, batches: list[int], prompt_len: int, steps: int) -> dict[int, dict]:
+    config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=micro_batches, max_batch_tokens=4096,
+                          max_num_seqs=128, kv_cache_tokens=128 * (prompt_len + steps + 16), max_model_len=1024)
+    dep = Deployment.start(model_dir, config)
+    results = {}
+    try:
+        engine = Engine(config, dep.limits, dep)
+        for b in batches:
+            params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+            for p in prompts_for(b, prompt_len):
+                engine.add_request(p, params)
+            engine.step()                              # prefill (the budget covers every prompt)
+            engine.step()                              # warm-up decode step
+            before = dep.health()[1]
+            times, ctx = [], []
+            for _ in range(steps - 1):
+                ctx.append(sum(r.num_tokens for r in engine.scheduler.running[0]))
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            after = dep.health()[1]
+            while engine.has_work():
+                engine.step()
+            n = len(times)
+            results[b] = {
+                "step_ms": statistics.median(times) * 1e3,
+                "expert_reads_per_step": (after["expert_reads"] - before["expert_reads"]) / n,
+                "expert_gemms_per_step": (after["expert_gemms"] - before["expert_gemms"]) / n,
+                "expert_compute_ms": (after["compute_s"] - before["compute_s"]) / n * 1e3,
+                "kv_tokens_per_step": statistics.mean(ctx),
+            }
+            print(f"  Shuttle M={micro_batches} batch {b}: {results[b]['step_ms']:.1f} ms/step", file=sys.stderr)
+    finally:
+        dep.shutdown()
+    return results
+
+
+def bytes_per_step(spec, r: dict) -> float:
+    """Weights (fp32) a decode step reads at least, plus its KV cache."""
+    H, V, L = spec.hidden_size, spec.vocab_size, spec.num_layers
+    attn = L * (H * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim + spec.num_heads * spec.head_dim * H
+                + spec.num_experts * H + 2 * H)
+    dense = attn + V * H + H                                   # + lm_head + final norm (embedding rows: negligible)
+    experts = r["expert_reads_per_step"] * spec.bytes_per_expert(4) / 4
+    kv = r["kv_tokens_per_step"] * L * 2 * spec.num_kv_heads * spec.head_dim
+    return 4 * (dense + experts + kv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode.json"))
+    args = ap.parse_args()
+    model_dir = build_model(args.cache)
+    spec = load_spec(model_dir)
+    torch.set_num_threads(os.cpu_count())
+    bw = read_bandwidth_gbs()
+    print(f"read bandwidth {bw:.1f} GB/s; HF generate ...", file=sys.stderr)
+    hf = hf_step_ms(model_dir, args.batches, args.prompt_len, args.steps)
+    bw_after = read_bandwidth_gbs()
+    shuttle = {m: shuttle_steps(model_dir, m, args.batches, args.prompt_len, args.steps) for m in (1, 2)}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    rows = []
+    for b in args.batches:
+        row = {"batch": b, "hf_ms": hf[b]}
+        for m in (1, 2):
+            r = shuttle[m][b]
+            roof_ms = bytes_per_step(spec, r) / (bw * 1e9) * 1e3
+            row[f"m{m}_ms"] = r["step_ms"]
+            row[f"m{m}_speedup_vs_hf"] = hf[b] / r["step_ms"]
+            row[f"m{m}_roofline"] = roof_ms / r["step_ms"]
+            row[f"m{m}_detail"] = r
+        row["roofline_ms"] = bytes_per_step(spec, shuttle[1][b]) / (bw * 1e9) * 1e3
+        rows.append(row)
+    print(f"\nMachine: {machine}; read bandwidth {bw:.1f} GB/s (before HF) / {bw_after:.1f} GB/s (after)")
+    print(f"Model: Mixtral-format h512 i1024 L8 E16 top-2, vocab 32000, fp32; prompt {args.prompt_len}, {args.steps} decode steps")
+    print("| batch | HF ms/step | Shuttle M=1 ms/step | M=2 ms/step | M=1 vs HF | M=2 vs HF | roofline ms | M=1 % roofline | M=2 % roofline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['hf_ms']:.1f} | {r['m1_ms']:.1f} | {r['m2_ms']:.1f} | {r['m1_speedup_vs_hf']:.2f}× | "
+              f"{r['m2_speedup_vs_hf']:.2f}× | {r['roofline_ms']:.1f} | {100 * r['m1_roofline']:.0f}% | {100 * r['m2_roofline']:.0f}% |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": machine, "bandwidth_gbs": bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
