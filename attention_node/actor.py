@@ -16,7 +16,7 @@ from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, lea
 class AttentionRankActor:
     def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
                  device: str, threads: int):
-        torch.set_num_threads(threads)
+        self.threads = threads
         self.config = config
         self.worker = AttentionRank(rank, spec, config, limits, model_dir, device)
         self.transfer: TorchDistAttentionTransfer | None = None
@@ -29,6 +29,8 @@ class AttentionRankActor:
         w.connect(self.transfer)
 
     def step(self, plan: StepPlan) -> StepResult:
+        if torch.get_num_threads() != self.threads:   # OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.threads)
         return self.worker.step(plan)
 
     def check_health(self) -> dict:

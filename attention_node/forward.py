@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
 from attention_node.weights import AttentionWeights, LayerWeights
+from models.linear import Linear
 from models.spec import ModelSpec
 from transfer.base import AttentionTransfer
 
@@ -36,15 +37,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """x [n, H], w13 [2I, H] (gate rows, then up rows), w2 [H, I] → [n, H]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+def swiglu(x: torch.Tensor, up: Linear, down: Linear) -> torch.Tensor:
+    """x [n, H], up: [2I, H] (gate rows, then up rows), down: [H, I] → [n, H]."""
+    gate, up_ = up(x).chunk(2, dim=-1)
+    return down(F.silu(gate) * up_)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool):
+def route(x: torch.Tensor, router: Linear, top_k: int, renormalize: bool):
     """Softmax top-k routing, as the HF families do it: (ids [T, k], weights [T, k] in x's dtype)."""
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)     # [T, E]
+    probs = torch.softmax(router(x).float(), dim=-1)                # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -80,7 +81,7 @@ class AttentionForward:
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
-        qkv = F.linear(x, lw.wqkv, lw.bqkv)                              # [T, (h + 2g)·d]
+        qkv = lw.qkv(x)                                                  # [T, (h + 2g)·d]
         q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
         q = q.view(T, s.num_heads, s.head_dim)
         k = k.view(T, s.num_kv_heads, s.head_dim)
@@ -91,7 +92,7 @@ class AttentionForward:
         q = self.rotary.apply(q, batch.positions)
         k = self.rotary.apply(k, batch.positions)
         o = paged_attention(q, k, v, self.cache, layer, batch)           # [T, h, d]
-        return F.linear(o.reshape(T, -1), lw.wo)
+        return lw.o(o.reshape(T, -1))
 
     def program(self, step: int, micro_batch: int, input_ids: torch.Tensor,
                 batch: AttentionBatch) -> Generator[None, None, torch.Tensor]:
@@ -103,20 +104,20 @@ class AttentionForward:
                 h = h + self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch)
             x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
             if lw.router is None:
-                h = h + swiglu(x, lw.ffn_w13, lw.ffn_w2)
+                h = h + swiglu(x, lw.ffn_up, lw.ffn_down)
                 continue
             ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
             shared = None
-            if lw.ffn_w13 is not None:                                    # shared expert overlaps the round trip
-                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * swiglu(x, lw.ffn_w13, lw.ffn_w2)
+            if lw.ffn_up is not None:                                     # shared expert overlaps the round trip
+                shared = torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
             yield
             t0 = time.perf_counter()
             routed = self.transfer.combine_wait(handle)
             self.wait_s += time.perf_counter() - t0
             h = h + routed if shared is None else h + (routed + shared)
         last = rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
-        return F.linear(last, self.w.lm_head).float()
+        return self.w.lm_head(last).float()
 
 
 def run_pingpong(programs: list[Generator]) -> list[torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Legend: N rows, V vocab. Greedy rows are one argmax over the batch. A sampled row draws from its
 own generator seeded by (request seed, output index), so its tokens do not depend on the batch it
-ran in, on the rank, or on a preemption. Reported logprobs are of the model's raw distribution.
+ran in, on the rank, or on a preemption. Logprobs (of the model's raw distribution) are computed
+only for rows that asked for them (a full log-softmax over the vocabulary is not free); the others
+report NaN.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     """logits [N, V] float32 → (token ids, logprobs of those tokens)."""
     if logits.shape[0] == 0:
         return [], []
-    logprobs = torch.log_softmax(logits, dim=-1)                     # [N, V]
     ids = logits.argmax(dim=-1)                                      # [N]
     for i, p in enumerate(params):
         if p.greedy:
             continue
         probs = torch.softmax(filter_logits(logits[i], p), dim=-1)
         ids[i] = torch.multinomial(probs, 1, generator=token_generator(p.seed, output_index[i], logits.device))[0]
-    chosen = logprobs.gather(1, ids[:, None])[:, 0]
+    chosen = torch.full((len(params),), float("nan"))
+    want = [i for i, p in enumerate(params) if p.logprobs]
+    if want:
+        rows = torch.tensor(want)
+        chosen[rows] = torch.log_softmax(logits[rows], dim=-1).gather(1, ids[rows, None])[:, 0].to(chosen.dtype)
     return ids.tolist(), chosen.tolist()

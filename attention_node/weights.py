@@ -2,7 +2,8 @@
 
 Legend: H hidden, V vocab, h query heads, g KV heads, d head dim, E experts, Is shared-expert width,
 Id dense-FFN width. q, k and v projections are fused into one [(h + 2g)·d, H] matrix (one GEMM);
-gate and up projections into one [2I, H] matrix.
+gate and up projections into one [2I, H] matrix. Matrices are held as `models.linear.Linear`
+(prepacked for the CPU where that is faster).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from models.checkpoint import CheckpointReader, moe_prefix
+from models.linear import Linear
 from models.spec import ModelSpec
 
 
@@ -19,68 +21,60 @@ from models.spec import ModelSpec
 class LayerWeights:
     input_norm: torch.Tensor            # [H]
     post_norm: torch.Tensor             # [H]
-    wqkv: torch.Tensor                  # [(h + 2g)·d, H]
-    bqkv: torch.Tensor | None           # [(h + 2g)·d]
-    wo: torch.Tensor                    # [H, h·d]
+    qkv: Linear                         # [(h + 2g)·d, H] (+ bias in Qwen2-MoE)
+    o: Linear                           # [H, h·d]
     q_norm: torch.Tensor | None         # [d] (Qwen3)
     k_norm: torch.Tensor | None         # [d]
-    router: torch.Tensor | None         # [E, H] on MoE layers
-    ffn_w13: torch.Tensor | None        # shared expert [2Is, H] on MoE layers, dense FFN [2Id, H] otherwise
-    ffn_w2: torch.Tensor | None         # [H, Is] or [H, Id]
-    shared_gate: torch.Tensor | None    # [1, H] (Qwen2-MoE)
+    router: Linear | None               # [E, H] on MoE layers
+    ffn_up: Linear | None               # gate+up: shared expert [2Is, H] on MoE layers, dense FFN [2Id, H] otherwise
+    ffn_down: Linear | None             # [H, Is] or [H, Id]
+    shared_gate: Linear | None          # [1, H] (Qwen2-MoE)
 
 
 @dataclass
 class AttentionWeights:
     embed: torch.Tensor                 # [V, H]
     final_norm: torch.Tensor            # [H]
-    lm_head: torch.Tensor               # [V, H]
+    lm_head: Linear                     # [V, H]
     layers: list[LayerWeights]
-
-
-def _mlp(reader: CheckpointReader, prefix: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    w13 = torch.cat([reader.get(f"{prefix}.gate_proj.weight", dtype), reader.get(f"{prefix}.up_proj.weight", dtype)])
-    return w13, reader.get(f"{prefix}.down_proj.weight", dtype)
 
 
 def load_attention_weights(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype,
                            device: torch.device) -> AttentionWeights:
+    def get(name: str) -> torch.Tensor:
+        return reader.get(name, dtype).to(device)
+
+    def linear(*names: str, bias: tuple[str, ...] = ()) -> Linear:
+        """One Linear over the named matrices stacked by rows (q|k|v, gate|up)."""
+        return Linear(torch.cat([get(n) for n in names]), torch.cat([get(n) for n in bias]) if bias else None)
+
+    def mlp(prefix: str) -> tuple[Linear, Linear]:
+        return linear(f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"), linear(f"{prefix}.down_proj.weight")
+
     layers = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         attn = f"{p}.self_attn"
-        wqkv = torch.cat([reader.get(f"{attn}.{n}_proj.weight", dtype) for n in "qkv"])
-        bqkv = torch.cat([reader.get(f"{attn}.{n}_proj.bias", dtype) for n in "qkv"]) if spec.qkv_bias else None
-        router = ffn_w13 = ffn_w2 = shared_gate = None
+        router = ffn_up = ffn_down = shared_gate = None
         if spec.moe_layers[i]:
             moe = moe_prefix(spec, reader, i)
-            router = reader.get(f"{moe}.gate.weight", dtype)
+            router = linear(f"{moe}.gate.weight")
             if spec.shared_expert_intermediate_size:
-                ffn_w13, ffn_w2 = _mlp(reader, f"{moe}.shared_expert", dtype)
-                shared_gate = reader.get(f"{moe}.shared_expert_gate.weight", dtype)
+                ffn_up, ffn_down = mlp(f"{moe}.shared_expert")
+                shared_gate = linear(f"{moe}.shared_expert_gate.weight")
         else:
-            ffn_w13, ffn_w2 = _mlp(reader, f"{p}.mlp", dtype)
+            ffn_up, ffn_down = mlp(f"{p}.mlp")
         layers.append(LayerWeights(
-            input_norm=reader.get(f"{p}.input_layernorm.weight", dtype),
-            post_norm=reader.get(f"{p}.post_attention_layernorm.weight", dtype),
-            wqkv=wqkv, bqkv=bqkv, wo=reader.get(f"{attn}.o_proj.weight", dtype),
-            q_norm=reader.get(f"{attn}.q_norm.weight", dtype) if spec.qk_norm else None,
-            k_norm=reader.get(f"{attn}.k_norm.weight", dtype) if spec.qk_norm else None,
-            router=router, ffn_w13=ffn_w13, ffn_w2=ffn_w2, shared_gate=shared_gate,
+            input_norm=get(f"{p}.input_layernorm.weight"),
+            post_norm=get(f"{p}.post_attention_layernorm.weight"),
+            qkv=linear(*[f"{attn}.{n}_proj.weight" for n in "qkv"],
+                       bias=tuple(f"{attn}.{n}_proj.bias" for n in "qkv") if spec.qkv_bias else ()),
+            o=linear(f"{attn}.o_proj.weight"),
+            q_norm=get(f"{attn}.q_norm.weight") if spec.qk_norm else None,
+            k_norm=get(f"{attn}.k_norm.weight") if spec.qk_norm else None,
+            router=router, ffn_up=ffn_up, ffn_down=ffn_down, shared_gate=shared_gate,
         ))
-    embed = reader.get("model.embed_tokens.weight", dtype)
-    if spec.tie_word_embeddings or not reader.has("lm_head.weight"):
-        lm_head = embed
-    else:
-        lm_head = reader.get("lm_head.weight", dtype)
-    weights = AttentionWeights(embed=embed, final_norm=reader.get("model.norm.weight", dtype), lm_head=lm_head, layers=layers)
-    if device.type != "cpu":
-        weights = _to_device(weights, device)
-    return weights
-
-
-def _to_device(w: AttentionWeights, device: torch.device) -> AttentionWeights:
-    def mv(t):
-        return None if t is None else t.to(device)
-    layers = [LayerWeights(**{k: mv(v) for k, v in vars(layer).items()}) for layer in w.layers]
-    return AttentionWeights(embed=mv(w.embed), final_norm=mv(w.final_norm), lm_head=mv(w.lm_head), layers=layers)
+    embed = get("model.embed_tokens.weight")
+    tied = spec.tie_word_embeddings or not reader.has("lm_head.weight")
+    lm_head = Linear(embed) if tied else linear("lm_head.weight")
+    return AttentionWeights(embed=embed, final_norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)

@@ -96,8 +96,8 @@ def hf_step_ms(model_dir: str, batches: list[int], prompt_len: int, steps: int) 
 
 
 def shuttle_steps(model_dir: str, micro_batches: int, batches: list[int], prompt_len: int, steps: int) -> dict[int, dict]:
-    config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=micro_batches, max_batch_tokens=4096,
-                          max_num_seqs=128, kv_cache_tokens=128 * (prompt_len + steps + 16), max_model_len=1024)
+    config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=micro_batches, max_batch_tokens=max(batches) * prompt_len,
+                          max_num_seqs=max(batches), kv_cache_tokens=max(batches) * (prompt_len + steps + 16), max_model_len=1024)
     dep = Deployment.start(model_dir, config)
     results = {}
     try:

@@ -17,7 +17,7 @@ from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane, leave_
 class ExpertRankActor:
     def __init__(self, rank: int, spec: ModelSpec, experts: list[int], config: EngineConfig, model_dir: str,
                  device: str, threads: int):
-        torch.set_num_threads(threads)
+        self.threads = threads
         self.config = config
         self.worker = ExpertRank(rank, spec, experts, config.dtype, model_dir, device)
         self.transfer: TorchDistExpertTransfer | None = None
@@ -30,6 +30,9 @@ class ExpertRankActor:
                                                 cfg.transfer_timeout_s)
 
     def serve(self) -> dict:
+        # Ray runs this on a worker thread of the (threaded) actor; OpenMP's thread count is per
+        # thread, so set it here or the experts run on one thread whatever __init__ said.
+        torch.set_num_threads(self.threads)
         try:
             return self.worker.serve(self.transfer)
         finally:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointReader, read_expert
+from models.linear import Linear
 from models.spec import ModelSpec
 
 
@@ -22,10 +23,11 @@ class ExpertShard:
     """The experts one expert rank owns, for every MoE layer."""
 
     def __init__(self, spec: ModelSpec, experts: list[int], w13: dict[int, torch.Tensor], w2: dict[int, torch.Tensor]):
+        """w13: layer → [X, 2I, H] (gate rows, then up rows); w2: layer → [X, H, I]."""
         self.spec = spec
         self.experts = list(experts)
-        self.w13 = w13                          # layer → [X, 2I, H]
-        self.w2 = w2                            # layer → [X, H, I]
+        self.up = {layer: [Linear(w) for w in t] for layer, t in w13.items()}     # layer → X × [2I, H]
+        self.down = {layer: [Linear(w) for w in t] for layer, t in w2.items()}    # layer → X × [H, I]
         local = torch.full((spec.num_experts,), -1, dtype=torch.long)
         local[torch.tensor(self.experts, dtype=torch.long)] = torch.arange(len(self.experts))
         self.local_index = local                # [E] global expert id → local index, -1 if not ours
@@ -37,14 +39,18 @@ class ExpertShard:
         w13, w2 = {}, {}
         for layer in spec.moe_layer_ids:
             pairs = [read_expert(spec, reader, layer, e, dtype) for e in experts]
-            w13[layer] = torch.stack([a for a, _ in pairs]).to(device)
-            w2[layer] = torch.stack([b for _, b in pairs]).to(device)
+            w13[layer] = [a.to(device) for a, _ in pairs]
+            w2[layer] = [b.to(device) for _, b in pairs]
         shard = cls(spec, experts, w13, w2)
         shard.local_index = shard.local_index.to(device)
         return shard
 
-    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [n, H], topk_ids [n, k] global ids, topk_weights [n, k] → local weighted sum [n, H]."""
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                reverse: bool = False) -> torch.Tensor:
+        """hidden [n, H], topk_ids [n, k] global ids, topk_weights [n, k] → local weighted sum [n, H].
+
+        `reverse` walks the experts last to first: consecutive micro-batches of one layer alternate
+        direction, so the next one starts on the experts whose weights are still in the cache."""
         n, k = topk_ids.shape
         out = torch.zeros_like(hidden)
         if n == 0:
@@ -60,13 +66,16 @@ class ExpertShard:
         self.last_counts = counts
         x = hidden[tokens]                                               # [p, H]
         y = torch.empty_like(x)
-        w13, w2 = self.w13[layer], self.w2[layer]
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                gate, up = F.linear(x[start:start + c], w13[e]).chunk(2, dim=-1)   # [c, I] each
-                y[start:start + c] = F.linear(F.silu(gate) * up, w2[e])            # [c, H]
-                start += c
+        up, down = self.up[layer], self.down[layer]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        order = range(len(counts) - 1, -1, -1) if reverse else range(len(counts))
+        for e in order:
+            a, b = starts[e], starts[e + 1]
+            if b > a:
+                gate, up_ = up[e](x[a:b]).chunk(2, dim=-1)                         # [c, I] each
+                y[a:b] = down[e](F.silu(gate) * up_)                               # [c, H]
         y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
         return out.index_add_(0, tokens, y)
 

@@ -48,7 +48,7 @@ class ExpertRank:
                 return dict(self.stats)
             counts = [h.shape[0] for h in batch.hidden]
             out = self.shard.forward(batch.layer, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
-                                     torch.cat(batch.topk_weights))
+                                     torch.cat(batch.topk_weights), reverse=batch.micro_batch % 2 == 1)
             transfer.combine_launch(batch, list(out.split(counts)))
             self.stats["micro_batches"] += 1
             self.stats["tokens"] += sum(counts)

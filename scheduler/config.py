@@ -30,7 +30,7 @@ class EngineConfig:
     transfer_timeout_s: float = _opt(60.0, "seconds any token transfer may wait for a peer before the step fails")
     step_timeout_s: float = _opt(600.0, "seconds a whole step may take before the head declares the ranks dead")
     cpus_per_rank: float = _opt(0.0, "Ray CPUs reserved per rank (0: share this node's CPUs evenly)")
-    threads_per_rank: int = _opt(0, "torch threads per rank (0: its share of the node's cores, at least 1)")
+    threads_per_rank: int = _opt(0, "torch threads per rank (0: with 1 micro-batch the node's cores per side, else shared by all ranks)")
 
     def __post_init__(self) -> None:
         for name in ("attention_ranks", "expert_ranks", "micro_batches", "block_size", "max_num_seqs",

@@ -92,7 +92,7 @@ def test_fused_sharded_layout_loads_the_same_experts(tiny_model, tmp_path, famil
 def test_bfloat16_load(tiny_model):
     d = tiny_model("mixtral")
     shard = ExpertShard.load(load_spec(d), CheckpointReader(d), [0], torch.bfloat16, torch.device("cpu"))
-    assert shard.w13[0].dtype == torch.bfloat16
+    assert shard.up[0][0].weight.dtype == torch.bfloat16 and shard.up[0][0].packed is None
 
 
 def test_bad_checkpoints_name_the_problem(tmp_path):

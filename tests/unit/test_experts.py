@@ -33,11 +33,12 @@ def shard_of(experts, w13, w2):
     return ExpertShard(spec(), experts, {0: w13[experts]}, {0: w2[experts]})
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("n", [0, 1, 5, 64])
-def test_all_experts_on_one_rank_match_dense(n):
+def test_all_experts_on_one_rank_match_dense(n, reverse):
     w13, w2 = weights()
     x, ids, w = routing(n)
-    got = shard_of(list(range(E)), w13, w2).forward(0, x, ids, w)
+    got = shard_of(list(range(E)), w13, w2).forward(0, x, ids, w, reverse=reverse)
     torch.testing.assert_close(got, dense_moe_reference(x, ids, w, w13, w2), rtol=1e-5, atol=1e-5)
 
 

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from attention_node.sampler import filter_logits, sample
@@ -6,9 +8,10 @@ from scheduler.request import SamplingParams
 
 def test_greedy_is_argmax_with_raw_logprobs():
     logits = torch.randn(4, 50)
-    ids, lps = sample(logits, [SamplingParams()] * 4, [0] * 4)
+    ids, lps = sample(logits, [SamplingParams(logprobs=True)] * 3 + [SamplingParams()], [0] * 4)
     assert ids == logits.argmax(-1).tolist()
-    torch.testing.assert_close(torch.tensor(lps), torch.log_softmax(logits, -1).max(-1).values)
+    torch.testing.assert_close(torch.tensor(lps[:3]), torch.log_softmax(logits, -1).max(-1).values[:3])
+    assert math.isnan(lps[3])            # not asked for: not computed
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent():

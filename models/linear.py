@@ -1,0 +1,48 @@
+"""y = x · Wᵀ (+ b) for the weights the ranks hold, with the weight laid out once for the CPU.
+
+Decode multiplies a few rows by a large weight. MKL's sgemm repacks the weight on every such call,
+which on a 2-core x86 machine measured 2-3× slower than oneDNN with the weight prepacked once
+(bench/decode_bench.py; e.g. 128 expert matrices [2048, 512] at 8 rows: 109 ms → 55 ms on one
+thread, the 32000-row LM head at 64 rows: 37 ms → 12 ms on two). So on CPUs with oneDNN, float32
+weights are reordered at load time (the original is dropped: no extra memory) and used through
+`torch.ops.mkldnn._linear_pointwise`; anywhere else (GPU, other dtypes, no oneDNN) it is F.linear.
+Results differ from F.linear only by summation order (~1e-6 relative).
+SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _prepack_supported(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and os.environ.get("SHUTTLE_PREPACK", "1") != "0")
+
+
+class Linear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: int = 16):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.weight: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
+        if _prepack_supported(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+        else:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] → [n, out]."""
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def to(self, device: torch.device) -> "Linear":
+        if self.packed is not None:
+            raise RuntimeError("a prepacked CPU weight cannot move to another device; load it there instead")
+        return Linear(self.weight.to(device), None if self.bias is None else self.bias.to(device))
