@@ -5,8 +5,11 @@
     micro_batches: 3
     max_num_seqs: 64
 
-A file may hold those keys at the top level or under `engine:` (the layout `shuttle tune plan`
-writes, next to its prediction). Unknown keys are errors. Command-line flags override the file.
+A file may hold those keys at the top level or under `engine:`. `shuttle tune plan` writes the
+second layout, with its own sections next to it (`plan:` the devices and shape chosen, `prediction:`
+the predicted times, `why:` the reasons); those known sections are read past. Unknown keys (at the
+top level of a file with `engine:`, or inside the engine settings) are errors. Command-line flags
+override the file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import yaml
 
 from scheduler.config import EngineConfig
+
+TUNER_SECTIONS = ("plan", "prediction", "why", "search", "profile")   # written by `shuttle tune plan`, not engine settings
 
 
 def load_plan_values(path: str) -> dict:
@@ -26,6 +31,11 @@ def load_plan_values(path: str) -> dict:
         raise ValueError(f"plan file {path!r} is not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"plan file {path!r} must hold a mapping of engine settings")
+    if "engine" in data:
+        unknown = sorted(set(data) - {"engine", *TUNER_SECTIONS})
+        if unknown:
+            raise ValueError(f"plan file {path!r}: unknown sections {', '.join(map(str, unknown))} "
+                             f"(known: engine, {', '.join(TUNER_SECTIONS)})")
     values = data.get("engine", data)
     if not isinstance(values, dict):
         raise ValueError(f"plan file {path!r}: 'engine' must be a mapping")

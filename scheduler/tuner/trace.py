@@ -1,0 +1,101 @@
+"""Measured timelines: TraceEvents of a real run → spans (the simulator's shape) and profile samples.
+
+A traced step gives, per layer l and micro-batch j: the attention rank's "attention" span (compute,
+ending when the dispatch is launched), its "wait" span (blocked on the combine), the expert ranks'
+"expert" spans, and "lm_head". Transfer spans are derived: a dispatch runs from the end of the
+attention span to the start of the expert span that consumes it; a combine from the end of the
+expert span to the end of the attention rank's wait (or, if the combine was already there, the
+start of that wait).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from scheduler.tuner.simulate import Span
+
+
+def spans_from_trace(events: list, step: int | None = None) -> tuple[list[Span], float]:
+    """Spans of one step (the last traced one by default), times relative to its first span.
+
+    Returns (spans, step wall time from first start to last end)."""
+    if not events:
+        raise ValueError("the trace is empty: run with engine.record_trace = True and fetch the expert trace")
+    steps = sorted({e.step for e in events if e.side == "attention"})
+    if not steps:
+        raise ValueError("the trace holds no attention-rank spans")
+    step = steps[-1] if step is None else step
+    chosen = [e for e in events if e.step == step]
+    if not chosen:
+        raise ValueError(f"the trace holds no spans of step {step} (steps: {steps[0]}…{steps[-1]})")
+    t0 = min(e.start for e in chosen)
+    spans: list[Span] = []
+    attention_end: dict[tuple, float] = {}
+    expert_start: dict[tuple, float] = {}
+    expert_end: dict[tuple, float] = {}
+    waits: dict[tuple, tuple[float, float]] = {}
+    for e in chosen:
+        start, end = e.start - t0, e.end - t0
+        if e.side == "attention":
+            lane = f"attention {e.rank}"
+            if e.phase == "attention":
+                spans.append(Span(lane, "attention", e.layer, e.micro_batch, start, end))
+                attention_end[(e.rank, e.layer, e.micro_batch)] = end
+            elif e.phase == "lm_head":
+                spans.append(Span(lane, "head", e.layer, e.micro_batch, start, end))
+            elif e.phase == "wait":
+                spans.append(Span(lane, "wait", e.layer, e.micro_batch, start, end))
+                waits[(e.rank, e.layer, e.micro_batch)] = (start, end)
+        else:
+            spans.append(Span(f"expert {e.rank}", "expert", e.layer, e.micro_batch, start, end))
+            key = (e.layer, e.micro_batch)
+            expert_start[key] = min(expert_start.get(key, start), start)
+            expert_end[(e.rank,) + key] = end
+    for (a, l, j), end in attention_end.items():
+        if (l, j) in expert_start:
+            spans.append(Span("transfer", "dispatch", l, j, end, max(end, expert_start[(l, j)])))
+    for (r, l, j), end in expert_end.items():
+        for (a, wl, wj), (ws, we) in waits.items():
+            if (wl, wj) == (l, j):
+                spans.append(Span("transfer", "combine", l, j, end, max(end, we if we - ws > 1e-5 else ws)))
+    wall = max(s.end for s in spans)
+    return spans, wall
+
+
+def step_gaps(events: list) -> dict[int, dict]:
+    """Per step: median attention/expert/head durations, the dispatch and combine gaps, the span extent."""
+    by_step = defaultdict(list)
+    for e in events:
+        by_step[e.step].append(e)
+    out = {}
+    for step, evs in by_step.items():
+        att = {(e.rank, e.layer, e.micro_batch): e for e in evs if e.side == "attention" and e.phase == "attention"}
+        wait = {(e.rank, e.layer, e.micro_batch): e for e in evs if e.side == "attention" and e.phase == "wait"}
+        exp = defaultdict(list)
+        for e in evs:
+            if e.side == "expert":
+                exp[(e.layer, e.micro_batch)].append(e)
+        dispatch, combine = [], []
+        for (a, l, j), ae in att.items():
+            if (l, j) in exp:
+                dispatch.append(min(x.start for x in exp[(l, j)]) - ae.end)
+                if (a, l, j) in wait:
+                    combine.append(wait[(a, l, j)].end - max(x.end for x in exp[(l, j)]))
+        out[step] = {
+            "attention": _median([e.end - e.start for e in att.values()]),
+            "expert": _median([x.end - x.start for xs in exp.values() for x in xs]),
+            "head": _median([e.end - e.start for e in evs if e.phase == "lm_head"]),
+            "dispatch": _median(dispatch),
+            "combine": _median(combine),
+            "extent": max(e.end for e in evs) - min(e.start for e in evs),
+            "expert_spans": sum(len(xs) for xs in exp.values()),
+        }
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2

@@ -1,0 +1,248 @@
+"""`shuttle tune`: profile the pipeline, search deployment plans, draw the ping-pong.
+
+    shuttle tune profile --model DIR [--threads 1 2] [--batches ...] [--contexts ...] --out profile.json
+    shuttle tune plan --profile profile.json --tpot-ms 200 [--ctx 128] --out plan.yaml       # this machine
+    shuttle tune plan --model DIR|PRESET --attention-gpus H20 --expert-gpus L40S,H100 \\
+                      --tpot-ms 150 [--ctx 1024] [--gpus-file my_gpus.yaml] --out plan.yaml     # a GPU cluster
+    shuttle tune timeline --profile profile.json --plan plan.yaml [--measure --model DIR] --out timeline.png
+
+The plan file holds the EngineConfig values under `engine:` (what `shuttle run --plan` and
+`shuttle serve --plan` read; flags override them), and the devices, the prediction and the reasons
+under `plan:`, `prediction:` and `why:`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from scheduler.tuner.hardware import load_catalogue
+from scheduler.tuner.model_shape import PRESETS, resolve_model
+from scheduler.tuner.search import Plan, Requirements, SearchSpace, paper_m_rule, search
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("tune", help="profile, search deployment plans, draw the ping-pong timeline")
+    tsub = p.add_subparsers(dest="tune_command", required=True)
+
+    pr = tsub.add_parser("profile", help="measure stage times on this machine and fit the cost model")
+    pr.add_argument("--model", required=True, help="checkpoint directory")
+    pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    pr.add_argument("--threads", type=_ints, default=None, help="thread counts per rank to profile (default: all cores, and 1)")
+    pr.add_argument("--batches", type=_ints, default=(1, 4, 8, 16, 32, 64), help="sequences per micro-batch")
+    pr.add_argument("--contexts", type=_ints, default=(16, 128), help="prompt lengths")
+    pr.add_argument("--steps", type=int, default=4, help="traced decode steps per configuration")
+    pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
+    pr.add_argument("--out", default="profile.json")
+    pr.set_defaults(func=cmd_profile)
+
+    pl = tsub.add_parser("plan", help="search deployment plans; write the best as a plan file")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--profile", help="plan for this machine from its profile (ranks share its cores)")
+    src.add_argument("--model", help=f"plan for GPUs of the catalogue: a checkpoint directory or a preset ({', '.join(PRESETS)})")
+    pl.add_argument("--attention-gpus", type=_names, default=None, help="GPU types for attention ranks (default: all)")
+    pl.add_argument("--expert-gpus", type=_names, default=None, help="GPU types for expert ranks (default: all)")
+    pl.add_argument("--gpus-file", default=None, help="YAML extending/overriding the GPU catalogue")
+    pl.add_argument("--list-gpus", action="store_true", help="print the catalogue and exit")
+    pl.add_argument("--tp", type=_ints, default=(1, 2, 4, 8), help="tensor-parallel degrees to try")
+    pl.add_argument("--attention-ranks", type=_ints, default=None, help="n_a values (default: 1..16; 1..4 for --profile)")
+    pl.add_argument("--expert-ranks", type=_ints, default=None, help="n_e values (default: divisors of the expert count; 1..4 for --profile)")
+    pl.add_argument("--micro-batches", type=_ints, default=None, help="m values (default: 1..6; 1..4 for --profile)")
+    pl.add_argument("--batches", type=_ints, default=None, help="global batch sizes B to try")
+    pl.add_argument("--tpot-ms", type=float, required=False, default=None, help="time-per-output-token SLO (required unless --list-gpus)")
+    pl.add_argument("--ctx", type=float, default=None, help="mean context length of decoding sequences (default 1024; 128 for --profile)")
+    pl.add_argument("--dtype-bytes", type=int, default=2, help="weight/KV bytes per element for GPU plans")
+    pl.add_argument("--balance-limit", type=float, default=2.0, help="reject plans with max(T_a,T_e)/min(T_a,T_e) above this")
+    pl.add_argument("--allow-m1", action="store_true", help="allow plans without ping-pong (m=1); implied by --profile")
+    pl.add_argument("--skew", type=float, default=0.0, help="expert popularity ∝ 1/(i+1)^skew in the simulation (0: uniform)")
+    pl.add_argument("--top", type=int, default=10, help="rows in the ranked table")
+    pl.add_argument("--out", default="plan.yaml", help="plan file to write ('-' for none)")
+    pl.set_defaults(func=cmd_plan)
+
+    tl = tsub.add_parser("timeline", help="draw one decode iteration as a PNG Gantt chart (predicted, and measured)")
+    tl.add_argument("--profile", required=True, help="profile of this machine (the prediction)")
+    tl.add_argument("--plan", default=None, help="plan file whose shape to draw (else the shape flags)")
+    tl.add_argument("--attention-ranks", type=int, default=1)
+    tl.add_argument("--expert-ranks", type=int, default=1)
+    tl.add_argument("--micro-batches", type=int, default=2)
+    tl.add_argument("--batch", type=int, default=None, help="global batch B (default: the plan's, else 16)")
+    tl.add_argument("--ctx", type=float, default=64, help="prompt length / context")
+    tl.add_argument("--skew", type=float, default=0.0)
+    tl.add_argument("--measure", action="store_true", help="also run the shape for real (needs --model) and draw its trace")
+    tl.add_argument("--model", default=None, help="checkpoint directory for --measure")
+    tl.add_argument("--out", default="timeline.png")
+    tl.set_defaults(func=cmd_timeline)
+    return p
+
+
+def say(msg: str) -> None:
+    print(f"[shuttle tune] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- profile -----------------------------------------------------------------------------------
+def cmd_profile(args) -> int:
+    from shuttle.tune_profile import run_profile
+    profile = run_profile(args.model, args.dtype, list(args.threads) if args.threads else None, tuple(args.batches),
+                          tuple(args.contexts), args.steps, progress=say, address=args.address)
+    profile.save(args.out)
+    print("\n".join(profile.report()))
+    say(f"wrote {args.out}")
+    return 0
+
+
+# ---- plan --------------------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    if args.list_gpus:
+        for g in load_catalogue(args.gpus_file).values():
+            print(g.describe() + ("  (this machine)" if g.local else ""))
+        return 0
+    if args.tpot_ms is None or args.tpot_ms <= 0:
+        raise ValueError("--tpot-ms (a positive time-per-output-token SLO in ms) is required")
+    if args.profile:
+        return _plan_local(args)
+    return _plan_catalogue(args)
+
+
+def _plan_catalogue(args) -> int:
+    from scheduler.tuner.costs import RooflineCosts
+    shape = resolve_model(args.model)
+    catalogue = load_catalogue(args.gpus_file)
+    space = SearchSpace(attention_gpus=args.attention_gpus or tuple(catalogue), expert_gpus=args.expert_gpus or tuple(catalogue),
+                        tp=args.tp, **({"attention_ranks": args.attention_ranks} if args.attention_ranks else {}),
+                        **({"expert_ranks": args.expert_ranks} if args.expert_ranks else {}),
+                        **({"micro_batches": args.micro_batches} if args.micro_batches else {}),
+                        **({"batches": args.batches} if args.batches else {}))
+    req = Requirements(tpot_slo_s=args.tpot_ms / 1e3, ctx=args.ctx or 1024, dtype_bytes=args.dtype_bytes,
+                       balance_limit=args.balance_limit, allow_m1=args.allow_m1)
+    result = search(shape, catalogue, space, req, lambda g, tp: RooflineCosts(shape, g, tp, args.dtype_bytes))
+    say(f"{shape.name}: {shape.total_params() / 1e9:.0f}B parameters; searched {result.candidates} candidate plans "
+        f"({result.evaluated} evaluated) in {result.seconds:.2f}s")
+    _print_table(result.plans[:args.top], per_cost=True)
+    best = result.best
+    from scheduler.tuner.simulate import SimPlan, simulate
+    sim = simulate(SimPlan(shape, best.n_a, best.n_e, best.m, best.batch, req.ctx,
+                           RooflineCosts(shape, catalogue[best.attention_gpu], best.tp_a, args.dtype_bytes),
+                           RooflineCosts(shape, catalogue[best.expert_gpu], best.tp_e, args.dtype_bytes),
+                           dtype_bytes=args.dtype_bytes, skew=args.skew), record=False)
+    why = _why(best, result)
+    why.append(f"simulated iteration (per rank, skew {args.skew:g}): {sim.iteration_s * 1e3:.2f} ms "
+               f"(closed form {best.t_iter * 1e3:.2f} ms)")
+    print("\n".join(why))
+    _write_plan(args.out, best, req, why, sim.iteration_s, gpu=True)
+    return 0
+
+
+def _plan_local(args) -> int:
+    from scheduler.tuner.local import search_local
+    from scheduler.tuner.profile import Profile
+    profile = Profile.load(args.profile)
+    req = Requirements(tpot_slo_s=args.tpot_ms / 1e3, ctx=args.ctx or 128, dtype_bytes=profile.dtype_bytes,
+                       balance_limit=args.balance_limit, allow_m1=True)
+    kw = {}
+    if args.micro_batches:
+        kw["micro_batches"] = args.micro_batches
+    if args.batches:
+        kw["batches"] = args.batches
+    result = search_local(profile, req, max_attention=max(args.attention_ranks or (4,)), max_expert=max(args.expert_ranks or (4,)),
+                          skew=args.skew, **kw)
+    say(f"{profile.model.name} on {profile.machine}: simulated {result.evaluated} of {result.candidates} candidates "
+        f"in {result.seconds:.2f}s")
+    _print_table(result.plans[:args.top], per_cost=False)
+    why = _why(result.best, result)
+    print("\n".join(why))
+    _write_plan(args.out, result.best, req, why, result.best.t_iter, gpu=False, dtype=profile.dtype)
+    return 0
+
+
+def _print_table(plans: list[Plan], per_cost: bool) -> None:
+    head = "| # | attention | expert | m | B | T_a ms | T_e ms | T_c ms | TPOT ms | tokens/s |" + (" cost | tokens/s/cost |" if per_cost else "")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for i, p in enumerate(plans, 1):
+        att = f"{p.n_a}×{p.attention_gpu}" + (f"×tp{p.tp_a}" if per_cost else "")
+        exp = f"{p.n_e}×{p.expert_gpu}" + (f"×tp{p.tp_e}" if per_cost else "")
+        row = (f"| {i} | {att} | {exp} | {p.m} | {p.batch} | {p.t_a * 1e3:.3f} | {p.t_e * 1e3:.3f} | {p.t_c * 1e3:.3f} | "
+               f"{p.t_iter * 1e3:.1f} | {p.tokens_per_s:.0f} |")
+        if per_cost:
+            row += f" {p.cost:.2f} | {p.per_cost:.0f} |"
+        print(row)
+
+
+def _why(best: Plan, result) -> list[str]:
+    t_f = max(best.t_a, best.t_e)
+    r = best.t_c / t_f
+    why = [f"chosen: {best.n_a} attention rank(s) on {best.attention_gpu} (tp {best.tp_a}), {best.n_e} expert rank(s) on "
+           f"{best.expert_gpu} (tp {best.tp_e}), m={best.m}, B={best.batch}: {best.tokens_per_s:.0f} tokens/s, "
+           f"TPOT {best.t_iter * 1e3:.1f} ms",
+           f"T_a={best.t_a * 1e3:.3f} ms, T_e={best.t_e * 1e3:.3f} ms, T_c={best.t_c * 1e3:.3f} ms: T_c/T_f = {r:.2f}; "
+           f"ping-pong needs m ≥ 2(1 + T_c/T_f) = {2 * (1 + r):.2f}; the paper's rule gives m = {paper_m_rule(best.t_c, t_f)}"]
+    why += ["rejected: " + line for line in result.why_rejected()]
+    return why
+
+
+def _write_plan(path: str, best: Plan, req: Requirements, why: list[str], simulated_s: float, gpu: bool,
+                dtype: str | None = None) -> None:
+    if path == "-":
+        return
+    import yaml
+    seqs = math.ceil(best.batch / best.n_a)
+    engine = {"attention_ranks": best.n_a, "expert_ranks": best.n_e, "micro_batches": best.m,
+              "max_num_seqs": seqs, "max_batch_tokens": max(512, seqs)}
+    if dtype:
+        engine["dtype"] = dtype
+    elif gpu:
+        engine["dtype"] = "bfloat16" if req.dtype_bytes == 2 else "float32"
+    doc = {
+        "engine": engine,
+        "plan": {"attention_gpu": best.attention_gpu, "attention_tp": best.tp_a, "expert_gpu": best.expert_gpu,
+                 "expert_tp": best.tp_e, "global_batch": best.batch, "gpus": best.gpus if gpu else None,
+                 "relative_cost": round(best.cost, 3) if gpu else None, "context": req.ctx, "tpot_slo_ms": req.tpot_slo_s * 1e3},
+        "prediction": {"tpot_ms": round(best.t_iter * 1e3, 3), "simulated_tpot_ms": round(simulated_s * 1e3, 3),
+                       "tokens_per_s": round(best.tokens_per_s, 1), "t_attention_ms": round(best.t_a * 1e3, 4),
+                       "t_expert_ms": round(best.t_e * 1e3, 4), "t_transfer_ms": round(best.t_c * 1e3, 4)},
+        "why": why,
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False, allow_unicode=True, width=200)
+    say(f"wrote {path} (use: shuttle run --plan {path} … / shuttle serve --plan {path})")
+
+
+# ---- timeline ----------------------------------------------------------------------------------
+def cmd_timeline(args) -> int:
+    from scheduler.tuner.local import predict_local
+    from scheduler.tuner.profile import Profile
+    from shuttle.tune_timeline import draw_timeline
+    profile = Profile.load(args.profile)
+    n_a, n_e, m, batch = args.attention_ranks, args.expert_ranks, args.micro_batches, args.batch
+    if args.plan:
+        from shuttle.plan_file import load_plan_values
+        import yaml
+        values = load_plan_values(args.plan)
+        n_a, n_e, m = values.get("attention_ranks", n_a), values.get("expert_ranks", n_e), values.get("micro_batches", m)
+        with open(args.plan) as f:
+            batch = batch or (yaml.safe_load(f).get("plan") or {}).get("global_batch")
+    batch = batch or 16
+    sim = predict_local(profile, n_a, n_e, m, batch, args.ctx, args.skew)
+    panels = [(f"predicted (A={n_a}, E={n_e}, m={m}, B={batch})", sim.spans, sim.iteration_s)]
+    if args.measure:
+        if not args.model:
+            raise ValueError("--measure needs --model DIR (the checkpoint to run)")
+        from shuttle.tune_measure import measure_decode
+        measured = measure_decode(args.model, n_a, n_e, m, batch, int(args.ctx), steps=4, dtype=profile.dtype, progress=say)
+        panels.append((f"measured (A={n_a}, E={n_e}, m={m}, B={batch})", measured.spans, measured.step_s))
+        say(f"predicted {sim.iteration_s * 1e3:.1f} ms, measured {measured.step_s * 1e3:.1f} ms per decode step")
+    info = draw_timeline(panels, args.out, title=f"{profile.model.name}: one decode iteration")
+    say(f"wrote {args.out} ({sum(info['bars'].values())} bars on lanes {', '.join(info['lanes'])})")
+    return 0

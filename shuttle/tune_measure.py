@@ -1,0 +1,71 @@
+"""Run one deployment shape for real and measure its decode steps (for timelines and accuracy checks).
+
+B requests with prompts of `ctx` tokens are prefilled, then `steps` decode steps are timed with
+tracing on (every request decoding in every step). The result holds the median step time, the
+decode throughput B / step, and the spans of the step whose time is the median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from scheduler.config import EngineConfig
+from scheduler.request import SamplingParams
+from scheduler.tuner.trace import spans_from_trace
+
+
+@dataclass
+class Measured:
+    batch: int
+    step_s: float                       # median decode step, wall clock at the head
+    step_times: list[float]
+    spans: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.step_s
+
+
+def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: int, steps: int = 6,
+                   dtype: str = "float32", progress=lambda msg: None, threads: int = 0) -> Measured:
+    from cluster.deployment import Deployment
+    from scheduler.engine import Engine
+    from scheduler.tuner.model_shape import ModelShape
+
+    shape = ModelShape.from_model_dir(model_dir)
+    per_rank = -(-batch // n_a)
+    config = EngineConfig(attention_ranks=n_a, expert_ranks=n_e, micro_batches=m, dtype=dtype, threads_per_rank=threads,
+                          max_num_seqs=per_rank, max_batch_tokens=max(512, per_rank * ctx),
+                          kv_cache_tokens=per_rank * (ctx + steps + 8), max_model_len=ctx + steps + 8)
+    progress(f"measuring A={n_a} E={n_e} m={m} B={batch} ctx={ctx}: starting the deployment")
+    dep = Deployment.start(model_dir, config, progress=lambda msg: None)
+    try:
+        engine = Engine(config, dep.limits, dep)
+        params = SamplingParams(max_tokens=steps + 3, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request([(11 * i + 5 * n + 1) % shape.vocab_size for n in range(ctx)], params)
+        running = lambda: [r for rank in engine.scheduler.running for r in rank]   # noqa: E731
+        while len(running()) < batch or any(not r.output_token_ids for r in running()):
+            engine.step()
+        engine.step()                                          # warm decode step
+        t_start = time.time()
+        engine.record_trace = True
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        engine.record_trace = False
+        events = engine.trace + dep.expert_trace(since=t_start)
+        engine.trace = []
+    finally:
+        dep.shutdown()
+    median = statistics.median(times)
+    traced_steps = sorted({e.step for e in events if e.side == "attention"})
+    pick = min(range(len(times)), key=lambda i: abs(times[i] - median))
+    spans, _ = spans_from_trace(events, traced_steps[pick] if pick < len(traced_steps) else None)
+    progress(f"measured {median * 1e3:.1f} ms per decode step ({batch / median:.1f} tokens/s)")
+    return Measured(batch, median, times, spans, events)

@@ -1,0 +1,110 @@
+"""`shuttle tune profile`: measure the stage times of a real deployment and fit the cost model.
+
+For each thread count, one deployment (1 attention rank, 1 expert rank, m = 1, so the two sides take
+turns and every span is measured alone) decodes batches of b sequences at a few context lengths
+with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and combine transfer
+gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+from scheduler.config import EngineConfig
+from scheduler.request import SamplingParams
+from scheduler.tuner.costs import token_bytes
+from scheduler.tuner.model_shape import ModelShape
+from scheduler.tuner.profile import Profile
+from scheduler.tuner.trace import step_gaps
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | None = None,
+                batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64), contexts: tuple[int, ...] = (16, 128),
+                steps: int = 4, progress=print, address: str | None = None) -> Profile:
+    from cluster.deployment import Deployment
+    from scheduler.engine import Engine
+
+    cores = os.cpu_count() or 1
+    threads = threads or sorted({cores, 1})
+    shape = ModelShape.from_model_dir(model_dir)
+    profile = Profile(shape, dtype, cores, machine_name())
+    tb = token_bytes(shape, profile.dtype_bytes)
+    total = len(threads) * len(batches) * len(contexts)
+    done = 0
+    for t in threads:
+        config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1, dtype=dtype, threads_per_rank=t,
+                              max_num_seqs=max(batches), max_batch_tokens=max(batches) * max(contexts),
+                              kv_cache_tokens=max(batches) * (max(contexts) + steps + 8), max_model_len=max(contexts) + steps + 8)
+        progress(f"[{t} thread(s)] starting a deployment (1 attention rank, 1 expert rank, m=1)")
+        dep = Deployment.start(model_dir, config, address=address, progress=lambda msg: None)
+        try:
+            engine = Engine(config, dep.limits, dep)
+            key = str(t)
+            for bucket in ("attention", "expert", "head"):
+                profile.samples[bucket][key] = []
+            for ctx in contexts:
+                for b in batches:
+                    _measure(engine, dep, shape, profile, key, b, ctx, steps, tb)
+                    done += 1
+                    a = profile.samples["attention"][key][-1]
+                    e = profile.samples["expert"][key][-1]
+                    progress(f"[{done}/{total}] threads {t}, b={b}, ctx={ctx}: T_a {a[2] * 1e3:.2f} ms, "
+                             f"T_e {e[2] * 1e3:.2f} ms ({e[1]:.1f} experts hit), T_c {profile.samples['transfer'][-1][1] * 1e3:.2f} ms")
+        finally:
+            dep.shutdown()
+    return profile.fit()
+
+
+def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float) -> None:
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    ids = [engine.add_request([(7 * i + 3 * n) % shape.vocab_size for n in range(ctx)], params) for i in range(b)]
+    while any(not r.output_token_ids for r in _running(engine)) or len(_running(engine)) < b:
+        engine.step()                                     # prefill (maybe chunked) until all decode
+    engine.step()                                         # one untraced decode step: warm
+    before = dep.health()[1]
+    t_start = time.time()
+    engine.record_trace = True
+    walls, ctxs = [], []
+    for _ in range(steps):
+        ctxs.append(statistics.mean(r.num_tokens for r in _running(engine)))
+        t0 = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t0)
+    engine.record_trace = False
+    after = dep.health()[1]
+    events = engine.trace + dep.expert_trace(since=t_start)
+    engine.trace = []
+    gaps = step_gaps(events)
+    per_step = [gaps[s] for s in sorted(gaps)]
+    spans = sum(g["expert_spans"] for g in per_step) or 1
+    hits = (after["expert_gemms"] - before["expert_gemms"]) / spans
+    mean_ctx = statistics.mean(ctxs)
+    med = lambda k: statistics.median(g[k] for g in per_step)   # noqa: E731
+    profile.samples["attention"][key].append((b, mean_ctx, med("attention")))
+    profile.samples["expert"][key].append((b * shape.top_k, hits, med("expert")))
+    profile.samples["head"][key].append((b, med("head")))
+    profile.samples["transfer"].append((b * tb, med("dispatch")))
+    profile.samples["transfer"].append((b * shape.hidden_size * profile.dtype_bytes, med("combine")))
+    overheads = [w - g["extent"] for w, g in zip(walls, per_step)]
+    profile.samples["overhead"].append((b, statistics.median(overheads)))
+    for i in ids:
+        engine.abort(i)
+    while engine.has_work():
+        engine.step()
+
+
+def _running(engine) -> list:
+    return [r for rank in engine.scheduler.running for r in rank]

@@ -1,0 +1,71 @@
+"""Gantt charts of one decode iteration: attention, transfer and expert lanes, coloured by micro-batch.
+
+Each panel is one timeline (the simulator's prediction, or a real run's measured trace), drawn on
+the same time axis so the two read side by side. Solid bars are compute (attention, LM head with
+hatching, experts); on attention lanes a thin grey bar marks time blocked on a combine; the transfer
+lane shows dispatches in its upper half and combines in its lower half. Overlap shows as bars of
+different colours at the same time on the attention and expert lanes; its absence as lanes that
+take turns.
+"""
+
+from __future__ import annotations
+
+from scheduler.tuner.simulate import Span
+
+
+def _lane_order(spans: list[Span]) -> list[str]:
+    lanes = {s.lane for s in spans}
+    att = sorted((l for l in lanes if l.startswith("attention")), key=lambda l: int(l.split()[1]))
+    exp = sorted((l for l in lanes if l.startswith("expert")), key=lambda l: int(l.split()[1]))
+    return att + (["transfer"] if "transfer" in lanes else []) + exp
+
+
+def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title: str = "") -> dict:
+    """panels: (title, spans, iteration seconds). Writes a PNG; returns {"lanes": [...], "bars": {lane: n}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if not panels:
+        raise ValueError("nothing to draw: no timeline given")
+    colours = plt.get_cmap("tab10").colors
+    horizon = max(max((s.end for s in spans), default=0.0) for _, spans, _ in panels) * 1e3
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 1.2 + 0.55 * max(len(_lane_order(p[1])) for p in panels) * len(panels)),
+                             squeeze=False)
+    bars: dict[str, int] = {}
+    lanes_all: list[str] = []
+    m = 1 + max((s.micro_batch for _, spans, _ in panels for s in spans), default=0)
+    for ax, (name, spans, iteration_s) in zip(axes[:, 0], panels):
+        lanes = _lane_order(spans)
+        lanes_all += [l for l in lanes if l not in lanes_all]
+        y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
+        for s in spans:
+            row = y[s.lane]
+            x, w = s.start * 1e3, max((s.end - s.start) * 1e3, horizon * 1e-4)
+            colour = colours[s.micro_batch % len(colours)]
+            if s.kind == "wait":
+                ax.broken_barh([(x, w)], (row - 0.06, 0.12), facecolors="0.6")
+            elif s.kind in ("dispatch", "combine"):
+                lo = row + (0.02 if s.kind == "dispatch" else -0.4)
+                ax.broken_barh([(x, w)], (lo, 0.38), facecolors=colour, alpha=0.55, edgecolor="none")
+            else:
+                ax.broken_barh([(x, w)], (row - 0.4, 0.8), facecolors=colour, edgecolor="black", linewidth=0.3,
+                               hatch="//" if s.kind == "head" else None)
+            key = f"{name}: {s.lane}"
+            bars[key] = bars.get(key, 0) + 1
+        ax.set_yticks([y[l] for l in lanes], lanes)
+        ax.set_ylim(-0.7, len(lanes) - 0.3)
+        ax.set_xlim(0, horizon * 1.01)
+        ax.set_title(f"{name}: {iteration_s * 1e3:.1f} ms per iteration", fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("ms since the iteration started")
+    handles = [Patch(color=colours[j % len(colours)], label=f"micro-batch {j}") for j in range(m)]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch="//", label="LM head"), Patch(color="0.6", label="waiting on combine")]
+    fig.legend(handles=handles, loc="upper right", ncol=min(len(handles), 6), fontsize=8)
+    if title:
+        fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"lanes": lanes_all, "bars": bars}
