@@ -102,7 +102,10 @@ def local_gpu_types(catalogue: dict[str, GpuType]) -> list[GpuType]:
         return []
     found = []
     for g in local_gpus():
-        known = next((c for key, c in catalogue.items() if key.lower().replace("-", " ") in g.name.lower()), None)
+        name = g.name.lower()
+        # most specific first, so "H200" is not taken for "H20"; "A100-80G" matches on "a100"
+        by_length = sorted(catalogue.items(), key=lambda kv: -len(kv[0].split("-")[0]))
+        known = next((c for key, c in by_length if not c.local and key.split("-")[0].lower() in name), None)
         memory_gb = g.memory_bytes / 1e9
         bandwidth = g.mem_bandwidth_gbs or (known.bandwidth_gbs if known else None)
         if known is None and bandwidth is None:

@@ -1,0 +1,181 @@
+"""Cost-model fits, the simulation of one decode iteration, profiles and catalogue files."""
+
+import json
+import random
+
+import pytest
+
+from scheduler.tuner.costs import RooflineCosts, experts_hit
+from scheduler.tuner.fit import best_fit, features, fit_form
+from scheduler.tuner.hardware import BUILTIN, load_catalogue
+from scheduler.tuner.local import predict_local, rank_threads, search_local
+from scheduler.tuner.model_shape import PRESETS, ModelShape
+from scheduler.tuner.profile import Profile
+from scheduler.tuner.search import InfeasibleError, Requirements
+from scheduler.tuner.simulate import SimPlan, simulate
+from scheduler.tuner.trace import spans_from_trace
+from scheduler.messages import TraceEvent
+
+TINY = ModelShape("tiny", num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8,
+                  top_k=2, expert_intermediate=512, vocab_size=1000)
+
+
+def test_fit_recovers_the_generating_form_and_reports_quality():
+    rng = random.Random(0)
+    samples = [(features(b=b, **{"b*ctx": b * c}), (300 + 20 * b + 0.05 * b * c) * 1e-6 * rng.uniform(0.98, 1.02))
+               for b in (1, 2, 4, 8, 16, 32) for c in (16, 128, 512)]
+    f = best_fit(samples, [("b", "1"), ("b", "b*ctx", "1")], "T_a")
+    assert f.terms == ("b", "b*ctx", "1")
+    assert f.coef[0] == pytest.approx(20e-6, rel=0.1) and f.coef[2] == pytest.approx(300e-6, rel=0.1)
+    assert f.r2 > 0.99 and f.mean_rel_err < 0.03 and f.loo_rel_err < 0.05
+    plain = fit_form(samples, ("b", "1"))
+    assert plain.loo_rel_err > f.loo_rel_err            # the KV term earns its place
+
+
+def test_fit_never_keeps_negative_terms():
+    samples = [(features(b=b), 1e-3 - 1e-6 * b) for b in range(1, 10)]  # time falls with b: the b term is dropped
+    f = fit_form(samples, ("b", "1"))
+    assert f.terms == ("1",) and f.coef[0] > 0
+
+
+def test_experts_hit_grows_to_all_experts():
+    assert experts_hit(1, 8, 2, 8) == pytest.approx(2.0)
+    assert experts_hit(1000, 8, 2, 8) == pytest.approx(8.0)
+    assert experts_hit(4, 16, 2, 4) < experts_hit(8, 16, 2, 4) < 4
+
+
+def _costs(shape=TINY, gpu="H100", tp=1):
+    return RooflineCosts(shape, BUILTIN[gpu], tp)
+
+
+def test_simulation_orders_work_like_the_engine_and_overlaps_with_two_micro_batches():
+    one = simulate(SimPlan(TINY, 1, 1, 1, 64, 256, _costs(), _costs()))
+    two = simulate(SimPlan(TINY, 1, 1, 2, 64, 256, _costs(), _costs()))
+    # every rank does each (layer, micro-batch) once; heads last
+    att = [s for s in two.spans if s.lane == "attention 0"]
+    assert [(s.layer, s.micro_batch) for s in att] == [(l, j) for l in range(4) for j in range(2)] + [(4, 0), (4, 1)]
+    assert len([s for s in two.spans if s.lane == "expert 0"]) == 8
+    # with m = 1 attention and experts take turns; with m = 2 they overlap in time
+    def overlap(r):
+        a = [s for s in r.spans if s.lane.startswith("attention") and s.kind == "attention"]
+        e = [s for s in r.spans if s.lane.startswith("expert")]
+        return sum(max(0.0, min(x.end, y.end) - max(x.start, y.start)) for x in a for y in e)
+    assert overlap(one) == 0.0 and overlap(two) > 0.0
+    # causality: an expert span starts only after its dispatch arrived
+    for e in (s for s in two.spans if s.kind == "expert"):
+        d = [s for s in two.spans if s.kind == "dispatch" and (s.layer, s.micro_batch) == (e.layer, e.micro_batch)]
+        assert e.start >= max(s.end for s in d) - 1e-12
+
+
+def test_simulation_matches_the_closed_form_when_balanced():
+    """The paper's formula: (T_a + T_e + 2T_c) + T_f(mL - 1) once the pipeline is saturated."""
+    class Fixed(RooflineCosts):
+        def attention(self, b, ctx): return 1e-3
+        def expert(self, pairs, hits): return 1e-3
+        def transfer(self, nbytes): return 0.2e-3
+        def head(self, b): return 0.0
+        def overhead(self, batch): return 0.0
+    c = Fixed(TINY, BUILTIN["H100"], 1)
+    for m in (3, 4):
+        r = simulate(SimPlan(TINY, 1, 1, m, 64, 100, c, c))
+        assert r.iteration_s == pytest.approx((1e-3 + 1e-3 + 0.4e-3) + 1e-3 * (m * 4 - 1))
+
+
+def test_skewed_expert_load_slows_the_iteration():
+    shape = PRESETS["mixtral-8x22b"]
+    base = SimPlan(shape, 8, 4, 2, 4096, 128, _costs(shape), _costs(shape))    # compute-bound experts
+    uniform = simulate(base, record=False)
+    skewed = simulate(SimPlan(**{**base.__dict__, "skew": 1.2}), record=False)
+    assert skewed.iteration_s > uniform.iteration_s * 1.2
+    hot = max(v for k, v in skewed.busy.items() if k.startswith("expert"))
+    cold = min(v for k, v in skewed.busy.items() if k.startswith("expert"))
+    assert hot > 2 * cold
+
+
+def test_shared_host_cores_slow_concurrent_ranks():
+    profile = _synthetic_profile(cores=2)
+    alone = predict_local(profile, 1, 1, 2, 16, 64, threads=1)
+    crowded = predict_local(profile, 2, 2, 2, 16, 64, threads=1)      # 4 single-thread ranks on 2 cores
+    per_rank_work = sum(crowded.busy.values())
+    assert crowded.iteration_s > per_rank_work / 4 * 1.5              # not 4 ranks running freely
+    assert rank_threads(2, 1, 1, 1) == 2 and rank_threads(2, 1, 1, 2) == 1 and rank_threads(2, 2, 3, 2) == 1
+
+
+def _synthetic_profile(cores=2) -> Profile:
+    p = Profile(TINY, "float32", cores, "test machine")
+    for t, speed in ((1, 1.0), (2, 1.7)):
+        p.samples["attention"][str(t)] = [(b, c, (400 + 15 * b + 0.02 * b * c) * 1e-6 / speed) for b in (1, 4, 16, 32) for c in (16, 128)]
+        p.samples["expert"][str(t)] = [(2 * b, experts_hit(b, 8, 2, 8), (200 + 3 * 2 * b + 60 * experts_hit(b, 8, 2, 8)) * 1e-6 / speed)
+                                       for b in (1, 2, 4, 8, 16, 32)]
+        p.samples["head"][str(t)] = [(b, (100 + 5 * b) * 1e-6) for b in (1, 4, 16, 32)]
+    p.samples["transfer"] = [(n, 100e-6 + n / 2e9) for n in (1e3, 1e4, 1e5, 1e6)]
+    p.samples["overhead"] = [(b, 2e-3 + 1e-5 * b) for b in (1, 4, 16, 32)]
+    return p.fit()
+
+
+def test_profile_round_trips_through_a_file(tmp_path):
+    p = _synthetic_profile()
+    path = tmp_path / "profile.json"
+    p.save(str(path))
+    q = Profile.load(str(path))
+    assert q.threads == [1, 2]
+    assert q.costs(2).attention(8, 100) == pytest.approx(p.costs(2).attention(8, 100))
+    assert q.costs(3).attention(8, 100) == pytest.approx(p.costs(2).attention(8, 100))   # nearest profiled below
+    assert any("T_a" in line and "R²" in line for line in q.report())
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a shuttle-profile/1 file"):
+        Profile.load(str(tmp_path / "bad.json"))
+
+
+def test_local_search_picks_the_fastest_simulated_shape():
+    profile = _synthetic_profile()
+    req = Requirements(tpot_slo_s=0.05, ctx=64, allow_m1=True, balance_limit=10)
+    result = search_local(profile, req, max_attention=2, max_expert=2, batches=(4, 8, 16, 32))
+    best = result.best
+    assert best.t_iter <= 0.05
+    brute = max(((a, e, m, b) for a in (1, 2) for e in (1, 2) for m in (1, 2, 3, 4) for b in (4, 8, 16, 32) if b >= a * m),
+                key=lambda s: (b := s[3]) / predict_local(profile, *s, 64, record=False).iteration_s
+                if predict_local(profile, *s, 64, record=False).iteration_s <= 0.05 else 0)
+    assert best.tokens_per_s == pytest.approx(brute[3] / predict_local(profile, *brute, 64, record=False).iteration_s)
+    with pytest.raises(InfeasibleError, match="TPOT SLO"):
+        search_local(profile, Requirements(tpot_slo_s=1e-4, ctx=64, allow_m1=True))
+
+
+def test_catalogue_file_overrides_and_extends(tmp_path):
+    f = tmp_path / "gpus.yaml"
+    f.write_text("gpus:\n  H20: {price: 0.3}\n  MyGPU: {memory_gb: 64, bandwidth_gbs: 2000, bf16_tflops: 400, price: 0.6}\n")
+    cat = load_catalogue(str(f), include_local=False)
+    assert cat["H20"].price == 0.3 and cat["H20"].bandwidth_gbs == BUILTIN["H20"].bandwidth_gbs
+    assert cat["MyGPU"].memory_gb == 64
+    f.write_text("gpus:\n  MyGPU: {memory_gb: 64, bandwith_gbs: 2000}\n")
+    with pytest.raises(ValueError, match="unknown fields bandwith_gbs"):
+        load_catalogue(str(f), include_local=False)
+    f.write_text("gpus:\n  NewGPU: {memory_gb: 64}\n")
+    with pytest.raises(ValueError, match="new GPU 'NewGPU' needs bandwidth_gbs, bf16_tflops, price"):
+        load_catalogue(str(f), include_local=False)
+
+
+def test_model_shape_from_hf_config_and_presets():
+    cfg = {"num_attention_heads": 8, "hidden_size": 512, "num_local_experts": 16, "intermediate_size": 1024,
+           "num_hidden_layers": 8, "num_key_value_heads": 2, "num_experts_per_tok": 2, "vocab_size": 32000}
+    s = ModelShape.from_hf_config(cfg)
+    assert (s.num_experts, s.top_k, s.head_dim, s.expert_intermediate) == (16, 2, 64, 1024)
+    with pytest.raises(ValueError, match="not a MoE model"):
+        ModelShape.from_hf_config({**cfg, "num_local_experts": None})
+    sizes = {k: v.total_params() / 1e9 for k, v in PRESETS.items()}
+    assert 125 < sizes["dbrx-132b"] < 140 and 305 < sizes["scaled-moe-317b"] < 325
+
+
+def test_measured_trace_becomes_spans_with_derived_transfers():
+    ev = [TraceEvent("attention", 0, 5, 0, 0, "attention", 10.000, 10.001),
+          TraceEvent("expert", 0, 5, 0, 0, "expert", 10.0012, 10.0020),
+          TraceEvent("attention", 0, 5, 0, 0, "wait", 10.0011, 10.0023),
+          TraceEvent("attention", 0, 5, -1, 0, "lm_head", 10.0023, 10.0030)]
+    spans, wall = spans_from_trace(ev)
+    kinds = {s.kind: s for s in spans}
+    assert set(kinds) == {"attention", "expert", "wait", "head", "dispatch", "combine"}
+    assert kinds["dispatch"].start == pytest.approx(0.001) and kinds["dispatch"].end == pytest.approx(0.0012)
+    assert kinds["combine"].end == pytest.approx(0.0023)
+    assert wall == pytest.approx(0.003)
+    with pytest.raises(ValueError, match="trace is empty"):
+        spans_from_trace([])
