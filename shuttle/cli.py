@@ -16,7 +16,7 @@ import sys
 
 from scheduler.config import EngineConfig
 
-COMMANDS = ["shuttle.run_cmd", "shuttle.serve_cmd"]
+COMMANDS = ["shuttle.run_cmd", "shuttle.serve_cmd", "shuttle.cluster_cmd", "shuttle.tune_cmd"]
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
