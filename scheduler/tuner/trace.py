@@ -3,7 +3,7 @@
 A traced step gives, per layer l and micro-batch j: the attention rank's "attention" span (compute,
 ending when the dispatch is launched), its "wait" span (blocked on the combine), the expert ranks'
 "expert" spans, and "lm_head". Transfer spans are derived: a dispatch runs from the end of the
-attention span to the start of the expert span that consumes it; a combine from the end of the
+attention span to the start of each expert rank's span that consumes it; a combine from the end of the
 expert span to the end of the attention rank's wait (or, if the combine was already there, the
 start of that wait).
 """
@@ -48,12 +48,12 @@ def spans_from_trace(events: list, step: int | None = None) -> tuple[list[Span],
                 waits[(e.rank, e.layer, e.micro_batch)] = (start, end)
         else:
             spans.append(Span(f"expert {e.rank}", "expert", e.layer, e.micro_batch, start, end))
-            key = (e.layer, e.micro_batch)
-            expert_start[key] = min(expert_start.get(key, start), start)
-            expert_end[(e.rank,) + key] = end
+            expert_start[(e.rank, e.layer, e.micro_batch)] = start
+            expert_end[(e.rank, e.layer, e.micro_batch)] = end
     for (a, l, j), end in attention_end.items():
-        if (l, j) in expert_start:
-            spans.append(Span("transfer", "dispatch", l, j, end, max(end, expert_start[(l, j)])))
+        for (r, el, ej), start in expert_start.items():
+            if (el, ej) == (l, j):
+                spans.append(Span("transfer", "dispatch", l, j, end, max(end, start)))
     for (r, l, j), end in expert_end.items():
         for (a, wl, wj), (ws, we) in waits.items():
             if (wl, wj) == (l, j):

@@ -1,0 +1,110 @@
+"""Prediction accuracy of `shuttle tune`: profile once, then predict and measure several deployment shapes.
+
+The model: Mixtral format, hidden 256, intermediate 512, 6 layers, 8 experts top-2, 4 heads / 2 KV
+heads, vocab 4096, float32, random weights (built once into --cache). For each shape (A attention
+ranks, E expert ranks, m micro-batches, global batch B): the simulator's decode step time from the
+profile (scheduler/tuner/local.py), then B prompts of --ctx tokens run for real and the median
+decode step is timed. Throughput = B / step time. Error = predicted / measured - 1.
+
+    .venv/bin/python bench/tune_accuracy.py [--shapes 1,1,1,8 1,1,2,32 ...] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+             "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(k, v)
+
+from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
+from scheduler.tuner.profile import Profile  # noqa: E402
+
+SHAPES = ["1,1,1,8", "1,1,1,32", "1,1,2,32", "1,2,1,16", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
+
+
+def build_model(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+    print(f"building the model in {path} ...", file=sys.stderr)
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
+                        eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
+    ap.add_argument("--ctx", type=int, default=64, help="prompt length")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per shape")
+    ap.add_argument("--profile", default=os.path.join(ROOT, "bench", "results", "tune_profile.json"))
+    ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h256-e8"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "tune_accuracy.json"))
+    ap.add_argument("--timeline", default=os.path.join(ROOT, "docs", "tune_timeline.png"),
+                    help="draw predicted vs measured for the first shape with m ≥ 2")
+    args = ap.parse_args()
+    say = lambda msg: print(f"[accuracy] {msg}", file=sys.stderr, flush=True)   # noqa: E731
+    model_dir = build_model(args.cache)
+    if args.reprofile or not os.path.isfile(args.profile):
+        from shuttle.tune_profile import run_profile
+        t0 = time.time()
+        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=4, progress=say)
+        profile.save(args.profile)
+        say(f"profiled in {time.time() - t0:.0f}s")
+    profile = Profile.load(args.profile)
+    print("\n".join(profile.report()), file=sys.stderr)
+
+    from shuttle.tune_measure import measure_decode
+    rows, drawn = [], False
+    for text in args.shapes:
+        a, e, m, b = (int(x) for x in text.split(","))
+        ctx = args.ctx + 1 + args.steps / 2                      # mean context over the timed steps
+        pred = predict_local(profile, a, e, m, b, ctx)
+        meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say)
+        err = pred.iteration_s / meas.step_s - 1
+        rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m),
+                     "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
+                     "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
+                     "throughput_error": meas.step_s / pred.iteration_s - 1,
+                     "step_ms_all": [t * 1e3 for t in meas.step_times]})
+        say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
+            f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
+        if m >= 2 and not drawn and args.timeline:
+            from shuttle.tune_timeline import draw_timeline
+            draw_timeline([(f"predicted (A={a}, E={e}, m={m}, B={b})", pred.spans, pred.iteration_s),
+                           (f"measured (A={a}, E={e}, m={m}, B={b})", meas.spans, meas.step_s)], args.timeline,
+                          title=f"{profile.model.name}, {profile.machine}: one decode step")
+            drawn = True
+            say(f"wrote {args.timeline}")
+    print(f"\nMachine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
+          f"prompt {args.ctx}, {args.steps} timed decode steps per shape (median)")
+    print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step | predicted tokens/s | measured tokens/s | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['A']} | {r['E']} | {r['M']} | {r['B']} | {r['threads']} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} | "
+              f"{r['predicted_tok_s']:.0f} | {r['measured_tok_s']:.0f} | {100 * (r['predicted_tok_s'] / r['measured_tok_s'] - 1):+.1f}% |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": profile.machine, "model": profile.model.to_dict(), "ctx": args.ctx, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
