@@ -25,7 +25,7 @@ class AttentionRankActor:
         init_data_plane(host, port, self.worker.rank, world_size, backend)
         w = self.worker
         self.transfer = TorchDistAttentionTransfer(w.rank, self.config.attention_ranks, owner, w.spec.hidden_size,
-                                                   w.spec.top_k, w.dtype, w.device, self.config.transfer_timeout_s)
+                                                   w.spec.top_k, w.dtype, w.device, self.config.transfer_timeout_s, backend)
         w.connect(self.transfer)
 
     def step(self, plan: StepPlan) -> StepResult:

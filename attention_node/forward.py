@@ -23,6 +23,7 @@ from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_a
 from attention_node.weights import AttentionWeights, LayerWeights
 from models.linear import Linear
 from models.spec import ModelSpec
+from scheduler.messages import TraceEvent
 from transfer.base import AttentionTransfer
 
 
@@ -77,6 +78,12 @@ class AttentionForward:
         self.rotary = rotary
         self.transfer = transfer
         self.wait_s = 0.0  # time spent blocked on combines in the current step (for profiles)
+        self.trace: list[TraceEvent] | None = None  # a list while the current step is traced
+        self.rank = 0
+
+    def _span(self, step: int, layer: int, micro_batch: int, phase: str, start: float) -> None:
+        if self.trace is not None:
+            self.trace.append(TraceEvent("attention", self.rank, step, layer, micro_batch, phase, start, time.time()))
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
@@ -96,8 +103,9 @@ class AttentionForward:
 
     def program(self, step: int, micro_batch: int, input_ids: torch.Tensor,
                 batch: AttentionBatch) -> Generator[None, None, torch.Tensor]:
-        """One micro-batch through every layer; returns logits [N, V] (float32) of its sampled rows."""
+        """One micro-batch through every layer; returns the final hidden states [N, H] of its sampled rows."""
         s = self.spec
+        t_start = time.time()
         h = self.w.embed[input_ids]                                       # [T, H]
         for layer, lw in enumerate(self.w.layers):
             if h.shape[0]:
@@ -111,13 +119,21 @@ class AttentionForward:
             shared = None
             if lw.ffn_up is not None:                                     # shared expert overlaps the round trip
                 shared = torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
+            self._span(step, layer, micro_batch, "attention", t_start)
             yield
             t0 = time.perf_counter()
+            t_wait = time.time()
             routed = self.transfer.combine_wait(handle)
             self.wait_s += time.perf_counter() - t0
+            self._span(step, layer, micro_batch, "wait", t_wait)
+            t_start = time.time()
             h = h + routed if shared is None else h + (routed + shared)
-        last = rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
-        return self.w.lm_head(last).float()
+        self._span(step, -1, micro_batch, "attention", t_start)
+        return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] → logits [N, V] float32."""
+        return self.w.lm_head(hidden).float()
 
 
 def run_pingpong(programs: list[Generator]) -> list[torch.Tensor]:

@@ -18,9 +18,12 @@ from attention_node.weights import load_attention_weights
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.messages import SampledToken, StepPlan, StepResult
+from scheduler.messages import SampledToken, StepPlan, StepResult, TraceEvent
 from scheduler.request import SamplingParams
 from transfer.base import AttentionTransfer
+
+
+LM_HEAD_ROWS = 128
 
 
 class AttentionRank:
@@ -38,6 +41,7 @@ class AttentionRank:
                                   spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
         rotary = RotaryTable(spec.head_dim, spec.rope_theta, limits.max_model_len, self.dtype, self.device)
         self.forward = AttentionForward(spec, weights, self.cache, rotary, transfer=None)
+        self.forward.rank = rank
         self.params: dict[str, SamplingParams] = {}
 
     def connect(self, transfer: AttentionTransfer) -> None:
@@ -51,6 +55,7 @@ class AttentionRank:
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling
         self.forward.wait_s = 0.0
+        self.forward.trace = [] if plan.trace else None
         programs, sampled = [], []
         for j, chunks in enumerate(plan.micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
@@ -58,11 +63,21 @@ class AttentionRank:
             programs.append(self.forward.program(plan.step, j, input_ids, batch))
             sampled += [c for c in chunks if c.sample]
         t1 = time.perf_counter()
-        logits = torch.cat(run_pingpong(programs))                    # [N, V], rows in `sampled` order
+        hidden = torch.cat(run_pingpong(programs))                    # [N, H], rows in `sampled` order
         t2 = time.perf_counter()
-        ids, logprobs = sample(logits, [self.params[c.request_id] for c in sampled], [c.output_index for c in sampled])
-        tokens = [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
-                  for i, (c, t, lp) in enumerate(zip(sampled, ids, logprobs))]
+        t_wall = time.time()
+        tokens = []
+        # LM head and sampling in row blocks: bounded logits buffers ([rows, V] float32) that the
+        # allocator reuses, instead of a fresh [N, V] each step (page faults cost more than the GEMM).
+        for start in range(0, len(sampled), LM_HEAD_ROWS):
+            chunks = sampled[start:start + LM_HEAD_ROWS]
+            logits = self.forward.logits(hidden[start:start + LM_HEAD_ROWS])
+            ids, logprobs = sample(logits, [self.params[c.request_id] for c in chunks], [c.output_index for c in chunks])
+            tokens += [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
+                       for i, (c, t, lp) in enumerate(zip(chunks, ids, logprobs))]
+        if self.forward.trace is not None:
+            self.forward.trace.append(TraceEvent("attention", self.rank, plan.step, -1, -1, "lm_head", t_wall, time.time()))
         t3 = time.perf_counter()
-        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": self.forward.wait_s, "sample": t3 - t2}
-        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings)
+        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": self.forward.wait_s, "lm_head_sample": t3 - t2}
+        trace, self.forward.trace = self.forward.trace or [], None
+        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace)

@@ -46,9 +46,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
             continue
         probs = torch.softmax(filter_logits(logits[i], p), dim=-1)
         ids[i] = torch.multinomial(probs, 1, generator=token_generator(p.seed, output_index[i], logits.device))[0]
-    chosen = torch.full((len(params),), float("nan"))
+    chosen = torch.full((len(params),), float("nan"), device=logits.device)
     want = [i for i, p in enumerate(params) if p.logprobs]
     if want:
-        rows = torch.tensor(want)
+        rows = torch.tensor(want, device=logits.device)
         chosen[rows] = torch.log_softmax(logits[rows], dim=-1).gather(1, ids[rows, None])[:, 0].to(chosen.dtype)
     return ids.tolist(), chosen.tolist()

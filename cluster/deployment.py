@@ -1,8 +1,11 @@
 """Bring a deployment up on Ray and drive it: placement groups, rank actors, the data plane.
 
-`Deployment.start(model_dir, config)` starts (or joins) Ray, reserves one placement group for the
-attention ranks and one for the expert ranks, creates the actors, has them load their weights,
-opens the data plane (a TCPStore hosted here on a free port, gloo or NCCL), and starts the expert
+`Deployment.start(model_dir, config)` starts (or joins) Ray, takes each node's inventory and decides
+where every rank runs (`cluster/roles.py`: declared role resources, else GPU models, else CPU
+slots), checks that the rank nodes reach each other, reserves one placement group for the
+attention ranks and one for the expert ranks (each bundle pinned to its node), creates the actors,
+has them load their weights, opens the data plane (a TCPStore hosted here on a free port, on this
+node's cluster address; gloo, or NCCL when every rank has its own GPU), and starts the expert
 loops. It is the `RankGroup` the head's Engine steps. `shutdown()` ends the expert loops, kills
 the actors, removes the placement groups and, if it started Ray, stops it: nothing is left running.
 """
@@ -12,15 +15,19 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import time
 
 import ray
 import torch.distributed as dist
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from attention_node.actor import AttentionRankActor
+from cluster.inventory import NodeInventory, gather_inventory, local_gpus, node_from_ray
 from cluster.ray_env import local_ray_env, start_ray
+from cluster.reach import ReachProbe
+from cluster.roles import PlacementError, RankLayout, plan_layout
 from expert_node.actor import ExpertRankActor
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
@@ -63,45 +70,81 @@ class Deployment(RankGroup):
         self._serve_refs = serve_refs
         self._owns_ray = owns_ray
         self._closed = False
+        self.layout: RankLayout | None = None       # where the ranks run (cluster.roles)
+        self.nodes: list[NodeInventory] = []
 
     # ---- bring-up ------------------------------------------------------------------------
     @classmethod
     def start(cls, model_dir: str, config: EngineConfig, address: str | None = None,
-              progress=lambda msg: None) -> "Deployment":
+              progress=lambda msg: None, *, device: str = "auto", reach_timeout_s: float = 5.0) -> "Deployment":
+        """`address` None: a private Ray on this machine (or the one already initialized here), data
+        plane on loopback. Otherwise join that cluster ("auto", "HOST:PORT"): ranks go where
+        `cluster.roles.plan_layout` says, the rendezvous is this node's cluster address, and each
+        rank's gloo/NCCL interface is its node's route to it. `device`: auto | cpu | cuda."""
         spec, limits, placement = describe(model_dir, config)
+        if address and address.startswith("ray://"):
+            raise DeploymentError(f"--address {address}: Ray Client addresses are not supported (the ranks must reach "
+                                  "this process's rendezvous): run shuttle on a node of the cluster (`ray attach`) "
+                                  "with --address auto")
         owns_ray = start_ray(address)
-        n_ranks = config.attention_ranks + config.expert_ranks
-        cpus = config.cpus_per_rank or min(1.0, ray.cluster_resources().get("CPU", 1) / n_ranks)
-        threads = config.threads_per_rank or default_threads(config, os.cpu_count() or 1)
         groups = []
         try:
-            progress(f"reserving {config.attention_ranks} attention + {config.expert_ranks} expert rank slots ({cpus:g} CPU each)")
-            for n in (config.attention_ranks, config.expert_ranks):
-                pg = placement_group([{"CPU": cpus}] * n, strategy="PACK")
+            if address is None:
+                host, nodes = "127.0.0.1", [_this_node()]
+            else:
+                host = ray.util.get_node_ip_address()
+                progress(f"joined the Ray cluster at {address}; taking each node's inventory")
+                nodes = gather_inventory(route_host=host)
+            try:
+                layout = plan_layout(nodes, config.attention_ranks, config.expert_ranks, config.cpus_per_rank, device)
+            except PlacementError as e:
+                raise DeploymentError(f"placement: {e}") from None
+            by_id = {n.node_id: n for n in nodes}
+            env = {i: _rank_env(by_id[i], host, cluster=address is not None) for i in layout.nodes_used()}
+            for line in _layout_lines(layout, by_id, cluster=address is not None):
+                progress(line)
+            if address is not None:
+                _check_reach(layout, by_id, host, reach_timeout_s)
+            threads = {i: config.threads_per_rank or _threads(config, layout, by_id[i]) for i in layout.nodes_used()}
+
+            for side, node_ids in (("attention", layout.attention_nodes), ("expert", layout.expert_nodes)):
+                bundles = [layout.bundle(side)] * len(node_ids)
+                pins = [{NODE_ID_LABEL_KEY: i} for i in node_ids] if address is not None else None
+                pg = placement_group(bundles, strategy="PACK", bundle_label_selector=pins)
                 groups.append(pg)
                 if not pg.wait(timeout_seconds=60):
-                    raise DeploymentError(f"Ray could not reserve {n} slots of {cpus:g} CPU: cluster has {ray.cluster_resources()}")
+                    raise DeploymentError(f"Ray could not reserve {len(bundles)} {side} rank slots of {bundles[0]} "
+                                          f"within 60s: cluster has {ray.cluster_resources()}, free {ray.available_resources()}")
+                if pins:       # the label pins are hard constraints; check Ray kept them
+                    placed = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+                    wrong = [i for i, want in enumerate(node_ids) if placed.get(i) != want]
+                    if wrong:
+                        raise DeploymentError(f"Ray placed {side} rank slots {wrong} on other nodes than planned: "
+                                              f"{placed} vs {list(node_ids)}")
 
-            def opts(pg, i, **extra):
-                return dict(num_cpus=cpus, runtime_env={"env_vars": local_ray_env()},
+            def opts(pg, i, node_id, **extra):
+                if layout.gpus_per_rank:    # Ray sets CUDA_VISIBLE_DEVICES: "cuda" is the rank's own GPU
+                    extra["num_gpus"] = layout.gpus_per_rank
+                return dict(num_cpus=layout.cpus_per_rank, runtime_env={"env_vars": env[node_id]},
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **extra)
 
-            device = "cpu"
-            attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i), name=None)
-                         .remote(i, spec, config, limits, model_dir, device, threads)
-                         for i in range(config.attention_ranks)]
-            experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, max_concurrency=4))
-                       .remote(i, spec, placement.experts_of(i), config, model_dir, device, threads)
-                       for i in range(config.expert_ranks)]
+            dev = layout.device
+            attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
+                         .remote(i, spec, config, limits, model_dir, dev, threads[n])
+                         for i, n in enumerate(layout.attention_nodes)]
+            experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
+                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, threads[n])
+                       for i, n in enumerate(layout.expert_nodes)]
             progress("loading weights")
-            _get([a.check_health.remote() for a in attention + experts], 600, "load weights")
-            progress("opening the data plane")
-            store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
+            names = [f"attention rank {i}" for i in range(len(attention))] + [f"expert rank {i}" for i in range(len(experts))]
+            _get([a.check_health.remote() for a in attention + experts], 600, "load weights", names)
+            progress(f"opening the data plane ({layout.backend}, rendezvous {host})")
+            store = dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=120))
-            world = n_ranks
-            joins = [a.join_data_plane.remote("127.0.0.1", store.port, world, "gloo", list(placement.owner)) for a in attention]
-            joins += [e.join_data_plane.remote("127.0.0.1", store.port, world, "gloo") for e in experts]
-            _get(joins, 120, "join the data plane")
+            world = config.attention_ranks + config.expert_ranks
+            joins = [a.join_data_plane.remote(host, store.port, world, layout.backend, list(placement.owner)) for a in attention]
+            joins += [e.join_data_plane.remote(host, store.port, world, layout.backend) for e in experts]
+            _get(joins, 120, "join the data plane", names)
             serve_refs = [e.serve.remote() for e in experts]
         except BaseException:
             for pg in groups:
@@ -110,7 +153,9 @@ class Deployment(RankGroup):
                 ray.shutdown()
             raise
         progress("ready")
-        return cls(spec, config, limits, placement, attention, experts, groups, store, serve_refs, owns_ray)
+        dep = cls(spec, config, limits, placement, attention, experts, groups, store, serve_refs, owns_ray)
+        dep.layout, dep.nodes = layout, nodes
+        return dep
 
     # ---- the RankGroup contract ----------------------------------------------------------
     def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
@@ -134,8 +179,88 @@ class Deployment(RankGroup):
             ray.shutdown()
 
     # ---- inspection ----------------------------------------------------------------------
+    def expert_trace(self, since: float = 0.0) -> list:
+        """Expert-rank TraceEvents that started at or after `since` (wall clock)."""
+        per_rank = _get([e.trace_events.remote(since) for e in self.experts], 30, "expert trace")
+        return [event for events in per_rank for event in events]
+
     def health(self) -> list[dict]:
         return _get([a.check_health.remote() for a in self.attention + self.experts], 30, "health check")
+
+
+def _this_node() -> NodeInventory:
+    """The driver's own node (a private Ray has only this one), described without a Ray task."""
+    me = ray.get_runtime_context().get_node_id()
+    entry = next(n for n in ray.nodes() if n["NodeID"] == me)
+    return node_from_ray(entry, {"hostname": socket.gethostname(), "gpus": [g.__dict__ for g in local_gpus()],
+                                 "route_ifname": None, "route_source": None, "route_error": None})
+
+
+def _rank_env(node: NodeInventory, host: str, cluster: bool) -> dict[str, str]:
+    """Environment of the ranks on `node`. In a cluster, gloo and NCCL listen on the interface of the
+    node's route to the rendezvous host (the driver's GLOO_SOCKET_IFNAME means nothing there)."""
+    env = local_ray_env()
+    if not cluster:
+        env.setdefault("NCCL_SOCKET_IFNAME", os.environ.get("NCCL_SOCKET_IFNAME", env["GLOO_SOCKET_IFNAME"]))
+        return env
+    if node.route_error or not node.route_ifname:
+        raise DeploymentError(f"data plane: node {node.address} ({node.hostname}) has no route to the rendezvous "
+                              f"host {host}: {node.route_error or 'unknown interface'}")
+    env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = node.route_ifname
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)      # the private-Ray loopback setting
+    return env
+
+
+def _threads(config: EngineConfig, layout: RankLayout, node: NodeInventory) -> int:
+    """Torch threads per rank on `node`: its cores split among the ranks there; where both sides share
+    the node with one micro-batch they take turns, so each side may use them all (default_threads)."""
+    a, e = layout.attention_nodes.count(node.node_id), layout.expert_nodes.count(node.node_id)
+    busy = max(a, e) if a and e and config.micro_batches == 1 else a + e
+    return max(1, int(node.cpus) // max(1, busy))
+
+
+def _ranks_on(layout: RankLayout, node_id: str) -> str:
+    a = [str(i) for i, n in enumerate(layout.attention_nodes) if n == node_id]
+    e = [str(i) for i, n in enumerate(layout.expert_nodes) if n == node_id]
+    parts = ([f"attention ranks {', '.join(a)}"] if a else []) + ([f"expert ranks {', '.join(e)}"] if e else [])
+    return "; ".join(parts) or "no ranks"
+
+
+def _layout_lines(layout: RankLayout, by_id: dict, cluster: bool) -> list[str]:
+    lines = [f"placement by {layout.mode}: {layout.device}, {layout.backend}, {layout.cpus_per_rank:g} CPU"
+             + (f" + {layout.gpus_per_rank:g} GPU" if layout.gpus_per_rank else "") + " per rank"]
+    for i in layout.nodes_used():
+        n = by_id[i]
+        via = f"; data plane via {n.route_ifname}" if cluster else ""
+        lines.append(f"  node {n.address} ({n.hostname}): {layout.roles[i]} ({layout.reasons[i]}) -> {_ranks_on(layout, i)}{via}")
+    return lines
+
+
+def _check_reach(layout: RankLayout, by_id: dict, host: str, timeout_s: float) -> None:
+    """Every rank node dials the rendezvous host and every other rank node; fail naming who cannot."""
+    used = layout.nodes_used()
+    if [by_id[i].route_source for i in used] == [host]:
+        return        # one node, the driver's own
+    driver = ReachProbe(host)
+    probe = ray.remote(ReachProbe)
+    agents = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False))
+              .remote(by_id[i].route_source) for i in used]
+    try:
+        where = _get([a.address.remote() for a in agents], 60, "reachability probe",
+                     [f"node {by_id[i].address}" for i in used])
+        targets = [(f"the rendezvous host {host}", *driver.address())]
+        targets += [(f"node {by_id[i].address} ({_ranks_on(layout, i)})", ip, port) for i, (ip, port) in zip(used, where)]
+        results = _get([a.reach.remote([t for t in targets if t[1:] != tuple(w)], timeout_s) for a, w in zip(agents, where)],
+                       60 + timeout_s * len(targets), "reachability probe", [f"node {by_id[i].address}" for i in used])
+    finally:
+        for a in agents:
+            ray.kill(a)
+        driver.close()
+    problems = [f"node {by_id[i].address} ({_ranks_on(layout, i)}; interface {by_id[i].route_ifname}) cannot reach {f}"
+                for i, failures in zip(used, results) for f in failures]
+    if problems:
+        raise DeploymentError("data plane: " + "; ".join(problems) + ". Rank nodes must reach each other and the "
+                              "rendezvous host on any TCP port (gloo and NCCL listen on ephemeral ports)")
 
 
 def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
@@ -156,6 +281,7 @@ def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
     return ray.get(refs)
 
 
-def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None) -> Engine:
-    deployment = Deployment.start(model_dir, config, address, progress)
+def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None,
+                 **start_options) -> Engine:
+    deployment = Deployment.start(model_dir, config, address, progress, **start_options)
     return Engine(config, deployment.limits, deployment)

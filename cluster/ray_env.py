@@ -21,6 +21,11 @@ LOCAL_ENV = {
     # rank and an expert rank on one machine take turns, and the idle one's spinning threads steal
     # the busy one's cores (decode step at batch 64 on 2 cores: 249 ms spinning, 125 ms with 1000).
     "GOMP_SPINCOUNT": "1000",
+    # Keep freed activation buffers in the heap instead of handing them back to the kernel and
+    # page-faulting them in again on the next step (glibc's dynamic thresholds do that for
+    # multi-MB blocks).
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
 }
 
 
@@ -36,8 +41,20 @@ def start_ray(address: str | None = None) -> bool:
     for k, v in local_ray_env().items():
         os.environ.setdefault(k, v)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, _node_ip_address=node_ip_toward(address))
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
              configure_logging=False, _node_ip_address="127.0.0.1")
     return True
+
+
+def node_ip_toward(address: str) -> str | None:
+    """This machine's address on the cluster's network: the source of its route to the cluster's GCS.
+    Passed to ray.init explicitly, since with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the private-Ray
+    setting) Ray would call this node 127.0.0.1 and find no raylet there. None: Ray finds no cluster
+    at `address` and ray.init says so."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from cluster.inventory import route_to
+    gcs = canonicalize_bootstrap_address(address)
+    return route_to(gcs.rsplit(":", 1)[0])[1] if gcs else None

@@ -27,7 +27,7 @@ class ExpertRankActor:
         init_data_plane(host, port, cfg.attention_ranks + w.rank, world_size, backend)
         self.transfer = TorchDistExpertTransfer(w.rank, cfg.attention_ranks, w.spec.hidden_size, w.spec.top_k,
                                                 torch_dtype(cfg.dtype), w.device,
-                                                cfg.transfer_timeout_s)
+                                                cfg.transfer_timeout_s, backend)
 
     def serve(self) -> dict:
         # Ray runs this on a worker thread of the (threaded) actor; OpenMP's thread count is per
@@ -41,6 +41,10 @@ class ExpertRankActor:
     def check_health(self) -> dict:
         return {"rank": self.worker.rank, "pid": os.getpid(), "experts": self.worker.shard.experts,
                 **self.worker.stats}
+
+    def trace_events(self, since: float = 0.0) -> list:
+        """The expert spans (scheduler.messages.TraceEvent) that started at or after `since`."""
+        return [e for e in list(self.worker.trace) if e.start >= since]
 
     def tensors_read(self) -> list[str]:
         return self.worker.tensors_read

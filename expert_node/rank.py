@@ -8,13 +8,17 @@ attention rank its rows back — until every attention rank has sent its shutdow
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
 from expert_node.experts import ExpertShard
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
+from scheduler.messages import TraceEvent
 from transfer.base import ExpertTransfer
+
+TRACE_EVENTS_KEPT = 200_000
 
 
 class ExpertRank:
@@ -32,6 +36,7 @@ class ExpertRank:
         # expert_reads: distinct (step, layer, expert) hit: the weight bytes a step must read at least
         self.stats = {"micro_batches": 0, "tokens": 0, "empty_messages": 0, "expert_gemms": 0, "expert_reads": 0,
                       "compute_s": 0.0, "wait_s": 0.0}
+        self.trace: deque[TraceEvent] = deque(maxlen=TRACE_EVENTS_KEPT)   # the latest spans, for timelines
         self._hit_key: tuple[int, int] | None = None
         self._hit: set[int] = set()
 
@@ -42,6 +47,7 @@ class ExpertRank:
             t0 = time.perf_counter()
             batch = transfer.dispatch_wait()
             t1 = time.perf_counter()
+            t_start = time.time()
             self.stats["wait_s"] += t1 - t0
             if batch is None:
                 transfer.close()
@@ -50,6 +56,8 @@ class ExpertRank:
             out = self.shard.forward(batch.layer, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
                                      torch.cat(batch.topk_weights), reverse=batch.micro_batch % 2 == 1)
             transfer.combine_launch(batch, list(out.split(counts)))
+            self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
+                                         t_start, time.time()))
             self.stats["micro_batches"] += 1
             self.stats["tokens"] += sum(counts)
             self.stats["empty_messages"] += counts.count(0)

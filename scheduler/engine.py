@@ -50,6 +50,8 @@ class Engine:
         self.ranks = ranks
         self.scheduler = Scheduler(config, limits)
         self.return_logits = False
+        self.record_trace = False       # when True, attention-rank TraceEvents accumulate in `trace`
+        self.trace: list = []
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams,
                     request_id: str | None = None) -> str:
@@ -64,10 +66,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        plans = self.scheduler.schedule(return_logits=self.return_logits)
+        plans = self.scheduler.schedule(return_logits=self.return_logits, trace=self.record_trace)
         if plans is None:
             return []
         results = self.ranks.run_step(plans)
+        if self.record_trace:
+            self.trace += [event for r in results for event in r.trace]
         return self.scheduler.update(results)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],

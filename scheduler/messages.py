@@ -41,6 +41,7 @@ class StepPlan:
     new_requests: list[NewRequest] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     return_logits: bool = False           # tests: send back the logits each sampled token came from
+    trace: bool = False                   # record TraceEvents for this step (timelines)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,24 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class TraceEvent:
+    """One span of work on one rank, for timelines. Times are wall-clock seconds (time.time())."""
+
+    side: str          # "attention" or "expert"
+    rank: int
+    step: int
+    layer: int         # -1 for work outside the layers (lm_head and sampling)
+    micro_batch: int
+    phase: str         # attention: "attention", "wait", "lm_head"; expert: "expert"
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class StepResult:
     step: int
     rank: int
     tokens: list[SampledToken]
     # seconds spent per phase on the rank (attention compute, waiting on combines, sampling, ...)
     timings: dict[str, float] = field(default_factory=dict)
+    trace: list[TraceEvent] = field(default_factory=list)

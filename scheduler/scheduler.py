@@ -86,7 +86,7 @@ class Scheduler:
         return bool(self.waiting) or any(self.running)
 
     # ---- one step ------------------------------------------------------------------------
-    def schedule(self, return_logits: bool = False) -> list[StepPlan] | None:
+    def schedule(self, return_logits: bool = False, trace: bool = False) -> list[StepPlan] | None:
         """One StepPlan per attention rank, or None when there is nothing to run."""
         assert not self._planned, "schedule() called twice without update()"
         per_rank: list[list[SeqChunk]] = [[] for _ in self.pools]
@@ -99,7 +99,8 @@ class Scheduler:
         self.step_id += 1
         m = step_micro_batches([len(c) for c in per_rank], self.config.micro_batches)
         plans = [StepPlan(step=self.step_id, micro_batches=split_micro_batches(per_rank[r], m),
-                          new_requests=self._new[r], released=self._released[r], return_logits=return_logits)
+                          new_requests=self._new[r], released=self._released[r], return_logits=return_logits,
+                          trace=trace)
                  for r in range(len(self.pools))]
         self._new = [[] for _ in self.pools]
         self._released = [[] for _ in self.pools]

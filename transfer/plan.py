@@ -46,7 +46,7 @@ def route_plan(topk_ids: torch.Tensor, owner: torch.Tensor, num_ranks: int) -> l
     topk_ids [T, k] global expert ids; owner [E] expert → rank. Returns R index tensors (sorted).
     """
     ranks = owner[topk_ids]                                          # [T, k]
-    hit = torch.zeros(topk_ids.shape[0], num_ranks, dtype=torch.bool)
+    hit = torch.zeros(topk_ids.shape[0], num_ranks, dtype=torch.bool, device=topk_ids.device)
     hit.scatter_(1, ranks, True)                                     # [T, R]
     return [hit[:, r].nonzero().flatten() for r in range(num_ranks)]
 

@@ -3,6 +3,11 @@
 Global ranks: attention ranks are 0..A-1, expert ranks are A..A+R-1. Messages follow
 `transfer/plan.py`. Sends are `isend` (launch) and completed lazily; every receive has a deadline
 except an expert rank's wait for the next header (see `transfer/base.py`).
+
+The wire device is where messages live: the compute device for NCCL (GPU to GPU), host memory for
+gloo. Ranks that compute on a GPU but share it (NCCL refuses two ranks on one device) use gloo and
+stage through host memory. With NCCL, set TORCH_NCCL_BLOCKING_WAIT=1 so that `wait(timeout)`
+really bounds a wait on a dead peer (the deployment sets it for rank processes).
 """
 
 from __future__ import annotations
@@ -62,14 +67,19 @@ class _Dispatch:
     recvs: list = field(default_factory=list)      # (expert rank, token index, buffer, work)
 
 
+def wire_device(backend: str, device: torch.device) -> torch.device:
+    return device if backend == "nccl" else torch.device("cpu")
+
+
 class TorchDistAttentionTransfer(AttentionTransfer):
     def __init__(self, attention_rank: int, num_attention: int, owner: list[int], hidden_size: int,
-                 top_k: int, dtype: torch.dtype, device: torch.device, timeout_s: float):
+                 top_k: int, dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo"):
         self.rank = attention_rank
         self.num_attention = num_attention
         self.num_expert = max(owner) + 1
         self.owner = torch.tensor(owner, dtype=torch.long, device=device)
         self.hidden_size, self.top_k, self.dtype, self.device = hidden_size, top_k, dtype, device
+        self.wire = wire_device(backend, device)
         self.timeout_s = timeout_s
 
     def _peer(self, e: int) -> int:
@@ -79,13 +89,14 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         handle = _Dispatch(step, layer, micro_batch, hidden.shape[0])
         for e, idx in enumerate(route_plan(topk_ids, self.owner, self.num_expert)):
             n = idx.numel()
-            header = Header(KIND_DATA, step, layer, micro_batch, n).to_tensor().to(self.device)
+            header = Header(KIND_DATA, step, layer, micro_batch, n).to_tensor().to(self.wire)
             handle.sends.append((dist.isend(header, self._peer(e)), header, e))
             if n == 0:
                 continue
             for t in pack_payload(hidden[idx], topk_ids[idx], topk_weights[idx]):
+                t = t.to(self.wire)
                 handle.sends.append((dist.isend(t, self._peer(e)), t, e))
-            buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device)
+            buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.wire)
             handle.recvs.append((e, idx, buf, dist.irecv(buf, self._peer(e))))
         return handle
 
@@ -94,13 +105,13 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         where = f"step {handle.step}, layer {handle.layer}, micro-batch {handle.micro_batch}"
         for e, idx, buf, work in handle.recvs:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: no combine from expert rank {e} ({where}; timeout {self.timeout_s:g}s)")
-            out.index_add_(0, idx, buf)
+            out.index_add_(0, idx, buf.to(self.device))
         for work, _, e in handle.sends:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: dispatch to expert rank {e} ({where}; timeout {self.timeout_s:g}s) not delivered")
         return out
 
     def close(self) -> None:
-        header = Header(KIND_SHUTDOWN, 0, 0, 0, 0).to_tensor().to(self.device)
+        header = Header(KIND_SHUTDOWN, 0, 0, 0, 0).to_tensor().to(self.wire)
         works = [dist.isend(header, self._peer(e)) for e in range(self.num_expert)]
         for e, work in enumerate(works):
             _wait(work, self.timeout_s, f"attention rank {self.rank}: shutdown to expert rank {e}")
@@ -108,16 +119,17 @@ class TorchDistAttentionTransfer(AttentionTransfer):
 
 class TorchDistExpertTransfer(ExpertTransfer):
     def __init__(self, expert_rank: int, num_attention: int, hidden_size: int, top_k: int,
-                 dtype: torch.dtype, device: torch.device, timeout_s: float):
+                 dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo"):
         self.rank = expert_rank
         self.num_attention = num_attention
         self.hidden_size, self.top_k, self.dtype, self.device = hidden_size, top_k, dtype, device
+        self.wire = wire_device(backend, device)
         self.timeout_s = timeout_s
         self._headers = [self._post_header(a) for a in range(num_attention)]
         self._pending_sends: list = []
 
     def _post_header(self, a: int):
-        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
         return buf, dist.irecv(buf, a)
 
     def dispatch_wait(self) -> ExpertBatch | None:
@@ -137,14 +149,14 @@ class TorchDistExpertTransfer(ExpertTransfer):
         where = f"step {h0.step}, layer {h0.layer}, micro-batch {h0.micro_batch}"
         posted = []
         for a, h in enumerate(headers):
-            bufs = payload_buffers(h.count, self.hidden_size, self.top_k, self.dtype, self.device) if h.count else []
+            bufs = payload_buffers(h.count, self.hidden_size, self.top_k, self.dtype, self.wire) if h.count else []
             posted.append((bufs, [dist.irecv(b, a) for b in bufs]))
         batch = ExpertBatch(h0.step, h0.layer, h0.micro_batch, [], [], [])
         for a, (bufs, works) in enumerate(posted):
             for work in works:
                 _wait(work, self.timeout_s, f"expert rank {self.rank}: payload from attention rank {a} ({where}; timeout {self.timeout_s:g}s) missing")
             if bufs:
-                hidden, ids, weights = unpack_payload(bufs, self.hidden_size, self.top_k)
+                hidden, ids, weights = unpack_payload([b.to(self.device) for b in bufs], self.hidden_size, self.top_k)
             else:
                 hidden = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
                 ids = torch.empty(0, self.top_k, dtype=torch.long, device=self.device)
@@ -160,7 +172,7 @@ class TorchDistExpertTransfer(ExpertTransfer):
         self._drain_sends()
         for a, out in enumerate(outputs):
             if out.shape[0]:
-                out = out.contiguous()
+                out = out.to(self.wire).contiguous()
                 self._pending_sends.append((dist.isend(out, a), out, a, batch.layer, batch.micro_batch))
 
     def _drain_sends(self) -> None:
