@@ -7,6 +7,7 @@ import os
 import torch
 
 from attention_node.rank import AttentionRank
+from models.linear import useful_threads
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.messages import StepPlan, StepResult
@@ -16,7 +17,7 @@ from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, lea
 class AttentionRankActor:
     def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
                  device: str, threads: int):
-        self.threads = threads
+        self.threads = threads if config.threads_per_rank else useful_threads(spec, threads)
         self.config = config
         self.worker = AttentionRank(rank, spec, config, limits, model_dir, device)
         self.transfer: TorchDistAttentionTransfer | None = None

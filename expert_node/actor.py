@@ -9,6 +9,7 @@ import torch
 
 from expert_node.rank import ExpertRank
 from models.checkpoint import torch_dtype
+from models.linear import useful_threads
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig
 from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane, leave_data_plane
@@ -17,7 +18,7 @@ from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane, leave_
 class ExpertRankActor:
     def __init__(self, rank: int, spec: ModelSpec, experts: list[int], config: EngineConfig, model_dir: str,
                  device: str, threads: int):
-        self.threads = threads
+        self.threads = threads if config.threads_per_rank else useful_threads(spec, threads)
         self.config = config
         self.worker = ExpertRank(rank, spec, experts, config.dtype, model_dir, device)
         self.transfer: TorchDistExpertTransfer | None = None

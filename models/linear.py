@@ -7,7 +7,9 @@ thread, the 32000-row LM head at 64 rows: 37 ms → 12 ms on two). So on CPUs wi
 weights are reordered at load time (the original is dropped: no extra memory) and used through
 `torch.ops.mkldnn._linear_pointwise`; anywhere else (GPU, other dtypes, no oneDNN) it is F.linear.
 Results differ from F.linear only by summation order (~1e-6 relative).
-SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
+Small weights (< PREPACK_MIN_ELEMENTS) stay on F.linear: there the call overhead dominates and
+oneDNN's is larger (embedded demo model, batch 16: 3.8 ms of expert compute per step unpacked, 5.7
+packed). SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -18,8 +20,20 @@ import torch
 import torch.nn.functional as F
 
 
+PREPACK_MIN_ELEMENTS = 1 << 18
+# Below this many elements in a model's largest expert matrix, extra intra-op threads only add
+# fork/join overhead (same measurement: 2 threads per rank made the step 33 ms, 1 thread 20 ms).
+THREADED_MIN_ELEMENTS = 1 << 18
+
+
+def useful_threads(spec, threads: int) -> int:
+    """How many of `threads` a rank of this model can use (1 for small models)."""
+    return threads if 2 * spec.moe_intermediate_size * spec.hidden_size >= THREADED_MIN_ELEMENTS else 1
+
+
 def _prepack_supported(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and weight.numel() >= PREPACK_MIN_ELEMENTS
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and os.environ.get("SHUTTLE_PREPACK", "1") != "0")
 
 
