@@ -21,11 +21,6 @@ LOCAL_ENV = {
     # rank and an expert rank on one machine take turns, and the idle one's spinning threads steal
     # the busy one's cores (decode step at batch 64 on 2 cores: 249 ms spinning, 125 ms with 1000).
     "GOMP_SPINCOUNT": "1000",
-    # Keep freed activation buffers in the heap instead of handing them back to the kernel and
-    # page-faulting them in again on the next step (glibc's dynamic thresholds do that for
-    # multi-MB blocks).
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
 }
 
 
