@@ -67,8 +67,8 @@ class AttentionRank:
         t2 = time.perf_counter()
         t_wall = time.time()
         tokens = []
-        # LM head and sampling in row blocks: bounded logits buffers ([rows, V] float32) that the
-        # allocator reuses, instead of a fresh [N, V] each step (page faults cost more than the GEMM).
+        # LM head and sampling in row blocks of bounded [rows, V] logits, never one [N, V] tensor:
+        # concatenating 2 × [128, 32000] float32 measured 24 ms (a fresh 33 MB, page-faulted in).
         for start in range(0, len(sampled), LM_HEAD_ROWS):
             chunks = sampled[start:start + LM_HEAD_ROWS]
             logits = self.forward.logits(hidden[start:start + LM_HEAD_ROWS])
