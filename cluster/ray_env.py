@@ -53,15 +53,3 @@ def node_ip_toward(address: str) -> str | None:
     from cluster.inventory import route_to
     gcs = canonicalize_bootstrap_address(address)
     return route_to(gcs.rsplit(":", 1)[0])[1] if gcs else None
-
-
-def node_ip_toward(address: str) -> str | None:
-    """This machine's address on the cluster's network: the source of its route to the cluster's GCS.
-    Passed to ray.init explicitly, since with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the private-Ray
-    setting) Ray would call this node 127.0.0.1 and find no raylet there. None: Ray finds no cluster
-    at `address` and ray.init says so."""
-    from ray._private.services import canonicalize_bootstrap_address
-
-    from cluster.inventory import route_to
-    gcs = canonicalize_bootstrap_address(address)
-    return route_to(gcs.rsplit(":", 1)[0])[1] if gcs else None
