@@ -80,7 +80,7 @@ def main() -> None:
         pred = predict_local(profile, a, e, m, b, ctx)
         meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say)
         err = pred.iteration_s / meas.step_s - 1
-        rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m),
+        rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
                      "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
                      "throughput_error": meas.step_s / pred.iteration_s - 1,

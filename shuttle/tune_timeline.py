@@ -36,6 +36,7 @@ def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title:
     bars: dict[str, int] = {}
     lanes_all: list[str] = []
     m = 1 + max((s.micro_batch for _, spans, _ in panels for s in spans), default=0)
+    whole_step = any(s.micro_batch < 0 for _, spans, _ in panels for s in spans)
     for ax, (name, spans, iteration_s) in zip(axes[:, 0], panels):
         lanes = _lane_order(spans)
         lanes_all += [l for l in lanes if l not in lanes_all]
@@ -43,7 +44,7 @@ def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title:
         for s in spans:
             row = y[s.lane]
             x, w = s.start * 1e3, max((s.end - s.start) * 1e3, horizon * 1e-4)
-            colour = colours[s.micro_batch % len(colours)]
+            colour = colours[s.micro_batch % len(colours)] if s.micro_batch >= 0 else "0.35"   # -1: the whole step
             if s.kind == "wait":
                 ax.broken_barh([(x, w)], (row - 0.06, 0.12), facecolors="0.6")
             elif s.kind in ("dispatch", "combine"):
@@ -61,6 +62,8 @@ def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title:
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("ms since the iteration started")
     handles = [Patch(color=colours[j % len(colours)], label=f"micro-batch {j}") for j in range(m)]
+    if whole_step:
+        handles.append(Patch(color="0.35", label="whole step"))
     handles += [Patch(facecolor="white", edgecolor="black", hatch="//", label="LM head"), Patch(color="0.6", label="waiting on combine")]
     fig.legend(handles=handles, loc="upper right", ncol=min(len(handles), 6), fontsize=8)
     if title:

@@ -3,7 +3,8 @@
 Thread counts follow the deployment's rule (`cluster/deployment.py:default_threads`, restated here
 because scheduler/ does not import cluster/): with m = 1 the two sides take turns and each rank gets
 cores // max(n_a, n_e) threads; with m ≥ 2 all ranks run at once and share the cores,
-cores // (n_a + n_e) each (at least 1).
+cores // (n_a + n_e) each (at least 1). Models whose expert matrices are small run one thread per
+rank whatever the cores (`models/linear.py:useful_threads`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
 from scheduler.tuner.search import InfeasibleError, Plan, SearchResult, _pingpong_problem, Requirements
 from scheduler.tuner.simulate import SimPlan, SimResult, simulate
 
 
-def rank_threads(cores: int, n_a: int, n_e: int, m: int) -> int:
+THREADED_MIN_ELEMENTS = 1 << 18     # models/linear.py: smaller expert matrices run one thread per rank
+
+
+def rank_threads(cores: int, n_a: int, n_e: int, m: int, shape: ModelShape | None = None) -> int:
+    if shape is not None and 2 * shape.expert_intermediate * shape.hidden_size < THREADED_MIN_ELEMENTS:
+        return 1
     if m == 1:
         return max(1, cores // max(n_a, n_e))
     return max(1, cores // (n_a + n_e))
@@ -24,7 +31,7 @@ def rank_threads(cores: int, n_a: int, n_e: int, m: int) -> int:
 
 def sim_plan(profile: Profile, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0,
              threads: int = 0) -> SimPlan:
-    t = threads or rank_threads(profile.cores, n_a, n_e, m)
+    t = threads or rank_threads(profile.cores, n_a, n_e, m, profile.model)
     costs = profile.costs(t)
     return SimPlan(profile.model, n_a, n_e, m, batch, ctx, costs, costs, dtype_bytes=profile.dtype_bytes,
                    threads_a=t, threads_e=t, skew=skew)

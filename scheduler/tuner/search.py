@@ -12,7 +12,7 @@ Iteration time (closed form; `simulate` is the exact per-rank version used to re
                  L·m·T_e + T_a + 2T_c,                 expert ranks busy
                  L·(T_a + T_e + 2T_c) + (m-1)·T_f,     one micro-batch's round trips, the rest behind
                  L·m·(n_a·T_a·th_a + n_e·T_e·th_e)/C)  cores, when ranks share a host of C cores
-             + m·T_head + T_overhead
+             + T_head(B/n_a) + T_overhead
 With T_a = T_e = T_f this is the paper's (T_a + T_e + 2T_c) + T_f·(mL - 1) once m ≥ 2(1 + T_c/T_f).
 
 Ping-pong conditions (each rejection is counted with its reason):
@@ -132,7 +132,7 @@ def _times(shape: ModelShape, req: Requirements, ca: StageCosts, ce: StageCosts,
     cores = ca.shared_host_cores
     if cores:
         t_iter = max(t_iter, L * m * (n_a * t_a * req.threads_a + n_e * t_e * req.threads_e) / cores)
-    t_iter += m * ca.head(b_a) + ca.overhead(batch)
+    t_iter += ca.head(batch / n_a) + ca.overhead(batch)
     return t_a, t_e, t_c, t_iter
 
 

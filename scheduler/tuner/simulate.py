@@ -1,9 +1,10 @@
 """Discrete-event simulation of one decode iteration: per rank, per micro-batch, per layer.
 
 What runs, in the order the engine runs it (attention_node/forward.py `run_pingpong`):
-- attention rank a: A(0,0) A(0,1) … A(0,m-1) A(1,0) … A(L-1,m-1) H(0) … H(m-1), where A(l,j) is
-  layer l of micro-batch j (attention, router, dispatch launch) and H(j) the LM head and sampling;
-  A(l,j) for l > 0 waits for the combine of (l-1, j) from every expert rank, H(j) for (L-1, j).
+- attention rank a: A(0,0) A(0,1) … A(0,m-1) A(1,0) … A(L-1,m-1) H, where A(l,j) is layer l of
+  micro-batch j (attention, router, dispatch launch) and H the LM head and sampling over all the
+  rank's rows (attention_node/rank.py runs it once per step); A(l,j) for l > 0 waits for the
+  combine of (l-1, j) from every expert rank, H for (L-1, j) of every j.
 - expert rank e: E(0,0) E(0,1) … in (layer, micro-batch) order; E(l,j) waits for the dispatch of
   (l, j) from every attention rank (an empty message still counts).
 - a dispatch (a → e) arrives T_c(bytes) after A(l,j) ends; a combine (e → a) T_c after E(l,j) ends.
@@ -92,7 +93,7 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
     tb = token_bytes(s, plan.dtype_bytes)
     ca, ce = plan.attention_costs, plan.expert_costs
     t_a = [[ca.attention(b[a][j], plan.ctx) for j in range(m)] for a in range(plan.n_a)]
-    t_h = [[ca.head(b[a][j]) for j in range(m)] for a in range(plan.n_a)]
+    t_h = [ca.head(sum(b[a])) for a in range(plan.n_a)]
     t_e = [[ce.expert(tokens_j[j] * k * share[e], sum(1.0 - (1.0 - p_pick[x]) ** tokens_j[j] for x in own[e]))
             for j in range(m)] for e in range(plan.n_e)]
     t_c = [[[ca.transfer(b[a][j] * p_rank[e] * tb) for j in range(m)] for e in range(plan.n_e)] for a in range(plan.n_a)]
@@ -101,7 +102,7 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
     programs: dict[str, list] = {}
     for a in range(plan.n_a):
         programs[f"attention {a}"] = ([("attention", l, j, t_a[a][j]) for l in range(L) for j in range(m)]
-                                      + [("head", L, j, t_h[a][j]) for j in range(m)])
+                                      + [("head", L, -1, t_h[a])])
     for e in range(plan.n_e):
         programs[f"expert {e}"] = [("expert", l, j, t_e[e][j]) for l in range(L) for j in range(m)]
     threads = {lane: plan.threads_a if lane.startswith("attention") else plan.threads_e for lane in programs}
@@ -125,7 +126,8 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
             return 0.0
         else:
             a = int(lane.split()[1])
-            keys = [(e, a, l - 1, j) for e in range(plan.n_e)]
+            mbs = range(m) if j < 0 else (j,)           # the head waits for every micro-batch
+            keys = [(e, a, l - 1, jj) for e in range(plan.n_e) for jj in mbs]
             src = combine_at
         if any(key not in src for key in keys):
             return None

@@ -2,7 +2,8 @@
 
 A traced step gives, per layer l and micro-batch j: the attention rank's "attention" span (compute,
 ending when the dispatch is launched), its "wait" span (blocked on the combine), the expert ranks'
-"expert" spans, and "lm_head". Transfer spans are derived: a dispatch runs from the end of the
+"expert" spans; per micro-batch a layer -1 "attention" span (the final norm); and one "lm_head" span
+(micro-batch -1: LM head and sampling over every row of the step). Transfer spans are derived: a dispatch runs from the end of the
 attention span to the start of each expert rank's span that consumes it; a combine from the end of the
 expert span to the end of the attention rank's wait (or, if the combine was already there, the
 start of that wait).
@@ -38,10 +39,12 @@ def spans_from_trace(events: list, step: int | None = None) -> tuple[list[Span],
         start, end = e.start - t0, e.end - t0
         if e.side == "attention":
             lane = f"attention {e.rank}"
-            if e.phase == "attention":
+            if e.phase == "attention" and e.layer < 0:      # after the last layer: final norm of the micro-batch
+                spans.append(Span(lane, "head", e.layer, e.micro_batch, start, end))
+            elif e.phase == "attention":
                 spans.append(Span(lane, "attention", e.layer, e.micro_batch, start, end))
                 attention_end[(e.rank, e.layer, e.micro_batch)] = end
-            elif e.phase == "lm_head":
+            elif e.phase == "lm_head":                       # LM head + sampling of the whole step (micro_batch -1)
                 spans.append(Span(lane, "head", e.layer, e.micro_batch, start, end))
             elif e.phase == "wait":
                 spans.append(Span(lane, "wait", e.layer, e.micro_batch, start, end))
@@ -69,7 +72,8 @@ def step_gaps(events: list) -> dict[int, dict]:
         by_step[e.step].append(e)
     out = {}
     for step, evs in by_step.items():
-        att = {(e.rank, e.layer, e.micro_batch): e for e in evs if e.side == "attention" and e.phase == "attention"}
+        att = {(e.rank, e.layer, e.micro_batch): e for e in evs
+               if e.side == "attention" and e.phase == "attention" and e.layer >= 0}
         wait = {(e.rank, e.layer, e.micro_batch): e for e in evs if e.side == "attention" and e.phase == "wait"}
         exp = defaultdict(list)
         for e in evs:
@@ -84,7 +88,8 @@ def step_gaps(events: list) -> dict[int, dict]:
         out[step] = {
             "attention": _median([e.end - e.start for e in att.values()]),
             "expert": _median([x.end - x.start for xs in exp.values() for x in xs]),
-            "head": _median([e.end - e.start for e in evs if e.phase == "lm_head"]),
+            # final norms of the micro-batches, then one LM head + sampling over the step's rows
+            "head": sum(e.end - e.start for e in evs if e.phase == "lm_head" or (e.phase == "attention" and e.layer < 0)),
             "dispatch": _median(dispatch),
             "combine": _median(combine),
             "extent": max(e.end for e in evs) - min(e.start for e in evs),

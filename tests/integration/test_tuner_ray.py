@@ -65,6 +65,7 @@ def test_measured_timeline_png_has_every_lane(profiled, tmp_path):
     for panel in ("predicted", "measured"):
         assert info["bars"][f"{panel}: expert 0"] == L * m == info["bars"][f"{panel}: expert 1"]
         assert info["bars"][f"{panel}: transfer"] == 2 * 2 * L * m            # dispatch and combine per expert rank
-    assert info["bars"]["measured: attention 0"] == L * m * 2 + m             # attention + wait per (layer, mb), heads
-    assert info["bars"]["predicted: attention 0"] == L * m + m
+    # attention + wait per (layer, micro-batch), a final norm per micro-batch, one LM head per step
+    assert info["bars"]["measured: attention 0"] == L * m * 2 + m + 1
+    assert info["bars"]["predicted: attention 0"] == L * m + 1
     assert measured.step_s > 0 and len(measured.step_times) == 3

@@ -51,9 +51,9 @@ def _costs(shape=TINY, gpu="H100", tp=1):
 def test_simulation_orders_work_like_the_engine_and_overlaps_with_two_micro_batches():
     one = simulate(SimPlan(TINY, 1, 1, 1, 64, 256, _costs(), _costs()))
     two = simulate(SimPlan(TINY, 1, 1, 2, 64, 256, _costs(), _costs()))
-    # every rank does each (layer, micro-batch) once; heads last
+    # every rank does each (layer, micro-batch) once; one LM head over the whole step last
     att = [s for s in two.spans if s.lane == "attention 0"]
-    assert [(s.layer, s.micro_batch) for s in att] == [(l, j) for l in range(4) for j in range(2)] + [(4, 0), (4, 1)]
+    assert [(s.layer, s.micro_batch) for s in att] == [(l, j) for l in range(4) for j in range(2)] + [(4, -1)]
     assert len([s for s in two.spans if s.lane == "expert 0"]) == 8
     # with m = 1 attention and experts take turns; with m = 2 they overlap in time
     def overlap(r):
@@ -99,6 +99,8 @@ def test_shared_host_cores_slow_concurrent_ranks():
     per_rank_work = sum(crowded.busy.values())
     assert crowded.iteration_s > per_rank_work / 4 * 1.5              # not 4 ranks running freely
     assert rank_threads(2, 1, 1, 1) == 2 and rank_threads(2, 1, 1, 2) == 1 and rank_threads(2, 2, 3, 2) == 1
+    small = ModelShape("small", 2, 64, 4, 2, 16, 8, 2, 96, 256)            # too small for threads to help
+    assert rank_threads(2, 1, 1, 1, small) == 1 and rank_threads(2, 1, 1, 1, TINY) == 2
 
 
 def _synthetic_profile(cores=2) -> Profile:
