@@ -35,7 +35,10 @@ def unavailable(*tools: str) -> str | None:
     name = "shuttle-probe-" + uuid.uuid4().hex[:6]
     try:
         sh(["ip", "netns", "add", name], timeout=10)
-        sh(["ip", "netns", "del", name], timeout=10)
+        try:
+            sh(["ip", "-n", name, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"], timeout=10)
+        finally:
+            sh(["ip", "netns", "del", name], timeout=10)
         sh(["unshare", "--pid", "--fork", "--mount-proc", "true"], timeout=10)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         return f"cannot create network/PID namespaces here: {e}"

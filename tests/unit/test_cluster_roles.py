@@ -230,3 +230,17 @@ def test_route_to_loopback_and_self():
     described = describe_this_node("127.0.0.1")
     assert described["route_ifname"] == "lo" and described["route_error"] is None
     assert describe_this_node("no-such-host.invalid")["route_error"].startswith("gaierror")
+
+
+def test_inventory_table_says_role_reason_and_ranks(monkeypatch):
+    from scheduler.config import EngineConfig
+    from shuttle.cluster_cmd import render
+    nodes = [node(monkeypatch, "10.0.1.1", 32, [L40S] * 4, head=True), node(monkeypatch, "10.0.1.2", 32, [H20] * 8)]
+    config = EngineConfig(attention_ranks=2, expert_ranks=3)
+    text = render(nodes, plan_layout(nodes, 2, 3), None, "10.0.1.1", config)
+    assert "node 10.0.1.2  host-10.0.1.2" in text and "GPU 7: NVIDIA H20, 95.6 GiB, 4023 GB/s" in text
+    assert "role: attention — NVIDIA H20: 4023 GB/s / 148 TFLOP/s = 27.2 bytes per kFLOP, the most bandwidth per FLOP" in text
+    assert "ranks: expert 0, expert 1, expert 2" in text
+    assert text.endswith("plan: 2 attention + 3 expert ranks by gpu-inventory; cuda, nccl; 1 CPU + 1 GPU per rank")
+    refused = render(nodes, None, "9 expert ranks do not fit", "10.0.1.1", config)
+    assert refused.endswith("cannot be placed: 9 expert ranks do not fit")
