@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
     ap.add_argument("--ctx", type=int, default=64, help="prompt length")
-    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per shape")
+    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per shape")
     ap.add_argument("--profile", default=os.path.join(ROOT, "bench", "results", "tune_profile.json"))
     ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h256-e8"))
@@ -66,7 +66,7 @@ def main() -> None:
     if args.reprofile or not os.path.isfile(args.profile):
         from shuttle.tune_profile import run_profile
         t0 = time.time()
-        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=4, progress=say)
+        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=6, progress=say)
         profile.save(args.profile)
         say(f"profiled in {time.time() - t0:.0f}s")
     profile = Profile.load(args.profile)

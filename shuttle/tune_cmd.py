@@ -43,7 +43,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_ints, default=None, help="thread counts per rank to profile (default: all cores, and 1)")
     pr.add_argument("--batches", type=_ints, default=(1, 4, 8, 16, 32, 64), help="sequences per micro-batch")
     pr.add_argument("--contexts", type=_ints, default=(16, 128), help="prompt lengths")
-    pr.add_argument("--steps", type=int, default=4, help="traced decode steps per configuration")
+    pr.add_argument("--steps", type=int, default=6, help="traced decode steps per configuration")
     pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
     pr.add_argument("--out", default="profile.json")
     pr.set_defaults(func=cmd_profile)

@@ -3,7 +3,8 @@
 For each thread count, one deployment (1 attention rank, 1 expert rank, m = 1, so the two sides take
 turns and every span is measured alone) decodes batches of b sequences at a few context lengths
 with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and combine transfer
-gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks.
+gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks. A warm-up
+configuration runs first and is discarded (the first steps of a fresh deployment are slower).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def machine_name() -> str:
 
 def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | None = None,
                 batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64), contexts: tuple[int, ...] = (16, 128),
-                steps: int = 4, progress=print, address: str | None = None) -> Profile:
+                steps: int = 6, progress=print, address: str | None = None) -> Profile:
     from cluster.deployment import Deployment
     from scheduler.engine import Engine
 
@@ -55,6 +56,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
             key = str(t)
             for bucket in ("attention", "expert", "head"):
                 profile.samples[bucket][key] = []
+            progress(f"[{t} thread(s)] warming up (b={max(batches)}, ctx={max(contexts)})")
+            _measure(engine, dep, shape, Profile(shape, dtype, cores, ""), "warm", max(batches), max(contexts), 2, tb)
             for ctx in contexts:
                 for b in batches:
                     _measure(engine, dep, shape, profile, key, b, ctx, steps, tb)
@@ -69,6 +72,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
 
 
 def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float) -> None:
+    for bucket in ("attention", "expert", "head"):
+        profile.samples[bucket].setdefault(key, [])
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
     ids = [engine.add_request([(7 * i + 3 * n) % shape.vocab_size for n in range(ctx)], params) for i in range(b)]
     while any(not r.output_token_ids for r in _running(engine)) or len(_running(engine)) < b:
@@ -96,8 +101,7 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
     profile.samples["attention"][key].append((b, mean_ctx, med("attention")))
     profile.samples["expert"][key].append((b * shape.top_k, hits, med("expert")))
     profile.samples["head"][key].append((b, med("head")))
-    profile.samples["transfer"].append((b * tb, med("dispatch")))
-    profile.samples["transfer"].append((b * shape.hidden_size * profile.dtype_bytes, med("combine")))
+    profile.samples["transfer"].append((b * (tb + shape.hidden_size * profile.dtype_bytes) / 2, max(med("transfer"), 1e-6)))
     overheads = [w - g["extent"] for w, g in zip(walls, per_step)]
     profile.samples["overhead"].append((b, statistics.median(overheads)))
     for i in ids:

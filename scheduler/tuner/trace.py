@@ -79,19 +79,22 @@ def step_gaps(events: list) -> dict[int, dict]:
         for e in evs:
             if e.side == "expert":
                 exp[(e.layer, e.micro_batch)].append(e)
-        dispatch, combine = [], []
+        dispatch, transfer = [], []
         for (a, l, j), ae in att.items():
             if (l, j) in exp:
                 dispatch.append(min(x.start for x in exp[(l, j)]) - ae.end)
                 if (a, l, j) in wait:
-                    combine.append(wait[(a, l, j)].end - max(x.end for x in exp[(l, j)]))
+                    # the round trip less the expert compute: dispatch + combine. (An expert span ends after
+                    # its combine is launched, so the combine alone cannot be read off the span ends.)
+                    expert = max(x.end - x.start for x in exp[(l, j)])
+                    transfer.append((wait[(a, l, j)].end - ae.end - expert) / 2)
         out[step] = {
             "attention": _median([e.end - e.start for e in att.values()]),
             "expert": _median([x.end - x.start for xs in exp.values() for x in xs]),
             # final norms of the micro-batches, then one LM head + sampling over the step's rows
             "head": sum(e.end - e.start for e in evs if e.phase == "lm_head" or (e.phase == "attention" and e.layer < 0)),
             "dispatch": _median(dispatch),
-            "combine": _median(combine),
+            "transfer": _median(transfer),          # one message, from the round trip (m = 1 profiles)
             "extent": max(e.end for e in evs) - min(e.start for e in evs),
             "expert_spans": sum(len(xs) for xs in exp.values()),
         }
