@@ -1,12 +1,18 @@
 """The embedded default model: a small Mixtral-style MoE that needs no download.
 
 `shuttle serve` and `shuttle run` use it when no `--model` is given, so a newcomer's first command
-works on any machine. It is generated once, deterministically (a byte-level BPE tokenizer trained
-on the text below, random weights from a fixed seed), into `$SHUTTLE_CACHE/embedded-<VERSION>`
-(default `~/.cache/shuttle`). Generation writes a temporary directory and renames it into place,
-so concurrent first runs never see a half-written model. Its weights are random: it shows the
-machinery (tokenizer, experts, streaming), not language. Bump VERSION whenever what is generated
-changes.
+works on any machine. Two sources, in this order:
+
+1. The shipped checkpoint, `models/shipped/shuttle-moe-tiny/` (SHIPPED_DIR): trained on the text
+   that ships with CPython by `train/train_moe.py` (see train/README.md and its model card). It
+   writes English-like text and its router was learned.
+2. Where it is missing (not yet committed, or an install that left the data files out), a
+   fallback generated once, deterministically (a byte-level BPE tokenizer trained on the text
+   below, random weights from a fixed seed), into `$SHUTTLE_CACHE/embedded-<VERSION>` (default
+   `~/.cache/shuttle`). Generation writes a temporary directory and renames it into place, so
+   concurrent first runs never see a half-written model. Its weights are random: it shows the
+   machinery (tokenizer, experts, streaming), not language. Bump VERSION whenever what is
+   generated changes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "shuttle-moe-tiny")
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 VERSION = 1
 SEED = 1234
@@ -57,8 +66,21 @@ def cache_root() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "shuttle")
 
 
+def shipped_model_dir() -> str | None:
+    """The shipped trained checkpoint's directory, or None where any of its files is missing."""
+    if all(os.path.isfile(os.path.join(SHIPPED_DIR, f)) for f in SHIPPED_FILES):
+        return SHIPPED_DIR
+    return None
+
+
 def default_model_dir() -> str:
-    """The embedded model's directory, generating it on first use (safe under concurrent calls)."""
+    """The shipped checkpoint if present, else the generated fallback (made on first use, safe
+    under concurrent calls)."""
+    return shipped_model_dir() or generated_model_dir()
+
+
+def generated_model_dir() -> str:
+    """The random-weight fallback's directory, generating it on first use."""
     final = os.path.join(cache_root(), f"embedded-v{VERSION}")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final

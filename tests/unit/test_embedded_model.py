@@ -1,4 +1,5 @@
-"""The embedded demo model: deterministic, loadable, generated atomically under concurrent first runs."""
+"""The embedded demo model's random-weight fallback: deterministic, loadable, generated atomically
+under concurrent first runs. (The shipped trained checkpoint: test_train_moe.py, test_shipped_model.py.)"""
 
 import hashlib
 import json
@@ -30,7 +31,7 @@ def test_generation_is_deterministic_and_loadable(tmp_path):
 
 def test_concurrent_first_runs_share_one_complete_directory(tmp_path):
     env = {**os.environ, "SHUTTLE_CACHE": str(tmp_path)}
-    code = "from models.embedded import default_model_dir; print(default_model_dir())"
+    code = "from models.embedded import generated_model_dir; print(generated_model_dir())"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
              for _ in range(2)]
