@@ -133,7 +133,7 @@ Smallest share of any expert in any layer: {e['min_share']:.1%}.
 
 ## Samples
 
-The first 48 tokens after each prompt, from the shipped weights.
+The first {a['sample_tokens']} tokens after each prompt, from the shipped weights.
 
 {sample_rows}
 

@@ -73,6 +73,7 @@ def parse_args(argv):
     d.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the intermediate evaluations")
     d.add_argument("--trace-tokens", type=int, default=None,
                    help="held-out tokens in routing_trace.npz and the final perplexity (default: all)")
+    p.add_argument("--sample-tokens", type=int, default=48, help="tokens generated per sample in the card")
     p.add_argument("--measure-only", action="store_true", help="time a few steps at these settings, print s/step, write nothing")
     return p.parse_args(argv)
 
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
     log("expert load max/mean per layer: " + " ".join(f"{l.max() / l.mean():.2f}" for l in load)
         + f"; smallest share {load.min():.2%}")
     with torch.no_grad():
-        gens = samples(shipped, tok, SAMPLE_PROMPTS, 48, args.seed)
+        gens = samples(shipped, tok, SAMPLE_PROMPTS, args.sample_tokens, args.seed)
 
     report = {
         "args": {k: v for k, v in vars(args).items() if k != "out"},

@@ -29,7 +29,7 @@ STDLIB_FILES = ["textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py",
 TOPICS = "topics = {'if': 'The \"if\" statement is used for conditional execution.', 'pass': 'pass is a null operation.'}\n"
 TOY = ["--steps", "4", "--heldout-every", "3", "--layers", "2", "--hidden", "32", "--intermediate", "32",
        "--experts", "4", "--heads", "2", "--kv-heads", "1", "--vocab", "320", "--seq-len", "32", "--batch", "4",
-       "--log-every", "1", "--eval-tokens", "128", "--trace-tokens", "400", "--max-positions", "256"]
+       "--log-every", "1", "--eval-tokens", "128", "--trace-tokens", "400", "--max-positions", "256", "--sample-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
