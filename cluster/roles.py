@@ -169,41 +169,39 @@ def _by_cpu(nodes, n_attention, n_expert, cpus_per_rank):
 
 
 # ---- filling slots ------------------------------------------------------------------------
-def _fill(side: str, n_ranks: int, candidates, capacity: dict, taken: dict) -> list[str]:
-    """Ranks fill the candidate nodes in order; `taken` counts slots already used per node."""
-    out = []
+def _fill(side: str, n_ranks: int, candidates, slots: dict, used: dict, room: dict | None = None) -> list[str]:
+    """Ranks of one side fill the candidate nodes in order, up to `slots` of that side per node and,
+    with `room`, up to room[node] ranks of both sides together (`used` counts them)."""
+    out, mine = [], {}
     for n in candidates:
-        while len(out) < n_ranks and taken.get(n.node_id, 0) < capacity[n.node_id]:
-            out.append(n.node_id)
-            taken[n.node_id] = taken.get(n.node_id, 0) + 1
+        i = n.node_id
+        while len(out) < n_ranks and mine.get(i, 0) < slots[i] and (room is None or used.get(i, 0) < room[i]):
+            out.append(i)
+            mine[i] = mine.get(i, 0) + 1
+            used[i] = used.get(i, 0) + 1
     if len(out) < n_ranks:
-        have = ", ".join(f"{n.address} {capacity[n.node_id]}" for n in candidates) or "none"
-        raise PlacementError(f"{n_ranks} {side} ranks do not fit: slots for {side} ranks per node: {have} "
-                             f"(a node's slots are shared by the ranks placed there before)")
+        have = ", ".join(f"{n.address} {slots[n.node_id] if room is None else min(slots[n.node_id], room[n.node_id])}"
+                         for n in candidates) or "none"
+        raise PlacementError(f"{n_ranks} {side} ranks do not fit: slots for {side} ranks per node: {have}"
+                             + ("" if room is None else " (shared with the attention ranks placed there)" if side == EXPERT else ""))
     return out
 
 
 def _fill_cpus(mode, roles, reasons, att, exp, n_attention, n_expert, cpus_per_rank):
-    taken: dict = {}
-    if mode == "declared":    # role units are the slots; each side counts its own resource
-        a = _fill(ATTENTION, n_attention, att, {n.node_id: int(n.attention_slots) for n in att}, {})
-        e = _fill(EXPERT, n_expert, exp, {n.node_id: int(n.expert_slots) for n in exp}, {})
-        for i in a + e:
-            taken[i] = taken.get(i, 0) + 1
+    used: dict = {}
+    if mode == "declared":    # the role units are the slots; each side counts its own resource
+        a = _fill(ATTENTION, n_attention, att, {n.node_id: int(n.attention_slots) for n in att}, used)
+        e = _fill(EXPERT, n_expert, exp, {n.node_id: int(n.expert_slots) for n in exp}, used)
     else:
-        if cpus_per_rank or roles_split(roles):
-            cap = {n.node_id: _slots(n, cpus_per_rank or 1.0) for n in att + exp}
+        if cpus_per_rank or BOTH not in roles.values():
+            room = {n.node_id: _slots(n, cpus_per_rank or 1.0) for n in att + exp}
         else:                 # ranks share the nodes' CPUs, in proportion to them
             total = sum(n.cpus for n in att) or 1.0
-            cap = {n.node_id: math.ceil((n_attention + n_expert) * n.cpus / total) for n in att}
-        a = _fill(ATTENTION, n_attention, att, cap, taken)
-        e = _fill(EXPERT, n_expert, exp, cap, taken)
+            room = {n.node_id: math.ceil((n_attention + n_expert) * n.cpus / total) for n in att}
+        a = _fill(ATTENTION, n_attention, att, room, used, room)
+        e = _fill(EXPERT, n_expert, exp, room, used, room)
     return RankLayout(mode, roles, reasons, tuple(a), tuple(e), "cpu", "gloo",
-                      cpus_per_rank or _even_cpus(att + exp, taken), 0.0)
-
-
-def roles_split(roles: dict) -> bool:
-    return BOTH not in roles.values()
+                      cpus_per_rank or _even_cpus(att + exp, used), 0.0)
 
 
 def _even_cpus(nodes, taken: dict) -> float:
@@ -223,14 +221,13 @@ def _fill_gpus(mode, roles, reasons, att, exp, n_attention, n_expert, cpus_per_r
         share = max(math.ceil(n_attention / sum(gpus[n.node_id] for n in att)),
                     math.ceil(n_expert / sum(gpus[n.node_id] for n in exp)),
                     math.ceil((n_attention + n_expert) / sum(gpus.values())))
-    cap = {i: g * share for i, g in gpus.items()}
-    taken: dict = {}
+    room = {i: g * share for i, g in gpus.items()}       # ranks per node, both sides together
+    used: dict = {}
     if mode == "declared":
-        cap_att = {n.node_id: min(cap[n.node_id], int(n.attention_slots)) for n in att}
-        cap_exp = {n.node_id: min(cap[n.node_id], int(n.expert_slots)) for n in exp}
+        a = _fill(ATTENTION, n_attention, att, {n.node_id: int(n.attention_slots) for n in att}, used, room)
+        e = _fill(EXPERT, n_expert, exp, {n.node_id: int(n.expert_slots) for n in exp}, used, room)
     else:
-        cap_att, cap_exp = cap, cap
-    a = _fill(ATTENTION, n_attention, att, cap_att, taken)
-    e = _fill(EXPERT, n_expert, exp, cap_exp, taken)
+        a = _fill(ATTENTION, n_attention, att, room, used, room)
+        e = _fill(EXPERT, n_expert, exp, room, used, room)
     return RankLayout(mode, roles, reasons, tuple(a), tuple(e), "cuda", "nccl" if share == 1 else "gloo",
-                      cpus_per_rank or _even_cpus(att + exp, taken), round(1.0 / share, 4))
+                      cpus_per_rank or _even_cpus(att + exp, used), round(1.0 / share, 4))

@@ -244,3 +244,14 @@ def test_inventory_table_says_role_reason_and_ranks(monkeypatch):
     assert text.endswith("plan: 2 attention + 3 expert ranks by gpu-inventory; cuda, nccl; 1 CPU + 1 GPU per rank")
     refused = render(nodes, None, "9 expert ranks do not fit", "10.0.1.1", config)
     assert refused.endswith("cannot be placed: 9 expert ranks do not fit")
+
+
+def test_a_node_declaring_both_roles_hosts_both(monkeypatch):
+    both = node(monkeypatch, "10.0.10.1", 32, [H100] * 4, shuttle_attention=4, shuttle_expert=4)
+    layout = plan_layout([both], 2, 2)
+    assert layout.roles == {"id-10.0.10.1": BOTH}
+    assert (layout.backend, layout.gpus_per_rank) == ("nccl", 1.0)                  # 4 ranks, 4 GPUs
+    shared = plan_layout([both], 4, 4)                                               # 8 ranks, 4 GPUs
+    assert (shared.backend, shared.gpus_per_rank) == ("gloo", 0.5)
+    with pytest.raises(PlacementError, match="5 attention ranks do not fit"):
+        plan_layout([both], 5, 1)
