@@ -10,6 +10,9 @@ process it can see; here it sees only this test's. Root only; openssh-server and
 installed with apt-get when missing. Skipped, with the reason, where that cannot be done.
 """
 
+import contextlib
+import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -64,7 +67,7 @@ def cluster_yaml(path: str, name: str, key: str) -> None:
 
 
 @pytest.fixture
-def ssh_host(tmp_path):
+def ssh_host():
     """sshd on 127.0.0.1:22 of a fresh network namespace, root logs in with a throwaway key."""
     reason = netns.unavailable() or install_ssh()
     if reason:
@@ -98,7 +101,9 @@ Subsystem sftp internal-sftp
     init = (f"ip link set lo up && mount --bind {work}/ray /tmp/ray && "
             f"exec {SSHD} -D -e -f {work}/sshd_config")
     tree = netns.IsolatedTree(["sh", "-c", init], os.path.join(work, "sshd.log"), new_netns=True)
-    env = {**os.environ, "HOME": home, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    os.makedirs(os.path.join(work, "tmp"))           # ray up's config cache and ssh control sockets
+    env = {**os.environ, "HOME": home, "TMPDIR": os.path.join(work, "tmp"), "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     try:
         ssh = ["ssh", "-i", f"{work}/key", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -118,7 +123,18 @@ def test_ray_up_serve_ray_down(ssh_host, tiny_model):
     tree, work, env = ssh_host
     model = tiny_model("mixtral")
     config = os.path.join(work, "cluster.yaml")
-    cluster_yaml(config, f"shuttle-test-{uuid.uuid4().hex[:6]}", f"{work}/key")
+    name = f"shuttle-test-{uuid.uuid4().hex[:6]}"
+    cluster_yaml(config, name, f"{work}/key")
+    try:
+        up_serve_down(tree, work, env, config, model)
+    finally:   # Ray's ssh runner keeps its control sockets in /tmp/ray_ssh_<user hash>/<cluster hash>
+        user_dir = f"/tmp/ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}"
+        shutil.rmtree(os.path.join(user_dir, hashlib.sha256(name.encode()).hexdigest()[:10]), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(user_dir)            # only if no other cluster's sockets are there
+
+
+def up_serve_down(tree, work, env, config, model):
 
     up = tree.run([f"{BIN}/ray", "up", "-y", "--no-config-cache", config], timeout=300, env=env)
     assert "Ray runtime started" in up.stdout + up.stderr
