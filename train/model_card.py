@@ -14,7 +14,7 @@ import sys
 
 SECTIONS = ["Model", "Data", "Training", "Loss curve", "Held-out perplexity", "Expert load",
             "Samples", "Routing trace", "Reproduce", "Limitations"]
-REQUIRED = ["args", "command", "versions", "corpus", "steps", "tokens_seen", "train_seconds", "parameters",
+REQUIRED = ["args", "command", "reproduce", "versions", "corpus", "steps", "tokens_seen", "train_seconds", "parameters",
             "active_parameters_per_token", "checkpoint_mb", "history", "heldout", "expert_load", "samples"]
 
 
@@ -145,11 +145,17 @@ The first {a['sample_tokens']} tokens after each prompt, from the shipped weight
 
 ## Reproduce
 
+Trained with
+
 ```
 {r['command']}
 ```
 
-Same corpus sha256, settings and thread count give the same weights.
+which came to {r['steps']} steps; the same corpus sha256 and thread count give the same weights with
+
+```
+{r['reproduce']}
+```
 
 ## Limitations
 

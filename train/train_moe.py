@@ -117,11 +117,14 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w))))
 
 
-def heldout_loss(model, ids: list[int], seq_len: int, max_tokens: int | None = None) -> float:
-    """Mean next-token cross-entropy (nats) over held-out windows of seq_len tokens."""
+def heldout_loss(model, ids: list[int], seq_len: int, max_tokens: int | None = None) -> tuple[float, list[float]]:
+    """Mean next-token cross-entropy (nats) over held-out windows of seq_len tokens, and each
+    layer's smallest expert share (of tokens routed to it) on the same tokens: collapse shows early."""
     import torch
     ids = ids[:max_tokens] if max_tokens else ids
     total, count = 0.0, 0
+    top_k, experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    routed = torch.zeros(model.config.num_hidden_layers, experts)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -129,11 +132,13 @@ def heldout_loss(model, ids: list[int], seq_len: int, max_tokens: int | None = N
             chunk = torch.tensor([ids[start:start + seq_len + 1]])
             if chunk.shape[1] < 2:
                 break
-            logits = model(chunk[:, :-1], output_router_logits=False, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum")
+            out = model(chunk[:, :-1], output_router_logits=True, use_cache=False)
+            loss = torch.nn.functional.cross_entropy(out.logits[0].float(), chunk[0, 1:], reduction="sum")
             total, count = total + loss.item(), count + chunk.shape[1] - 1
+            for layer, logits in enumerate(out.router_logits):                 # [t, E]
+                routed[layer] += torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=experts)
     model.train(was_training)
-    return total / count
+    return total / count, (routed.min(dim=1).values / count).tolist()
 
 
 def unigram_loss(train_ids: list[int], heldout_ids: list[int], vocab_size: int) -> float:
@@ -172,13 +177,14 @@ def train(args, model, windows, heldout_ids, total_steps, log):
         ce = out.loss.item() - args.aux_loss_coef * aux
         entry = {"step": step + 1, "loss": ce, "aux_loss": aux}
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
-            entry["heldout_loss"] = heldout_loss(model, heldout_ids, args.seq_len, args.eval_tokens)
+            entry["heldout_loss"], entry["min_expert_share"] = heldout_loss(model, heldout_ids, args.seq_len, args.eval_tokens)
         history.append(entry)
         if (step + 1) % args.log_every == 0 or step == 0 or "heldout_loss" in entry:
             el = time.time() - start
             log(f"step {step + 1}/{total_steps}  loss {ce:.3f}  aux {aux:.3f}  lr {opt.param_groups[0]['lr']:.2e}  "
                 f"tokens {(step + 1) * args.batch * args.seq_len}  {el:.0f}s ({el / (step + 1):.2f} s/step)"
-                + (f"  held-out {entry['heldout_loss']:.3f}" if "heldout_loss" in entry else ""))
+                + (f"  held-out {entry['heldout_loss']:.3f}, smallest expert share per layer "
+                   + " ".join(f"{x:.1%}" for x in entry["min_expert_share"]) if "heldout_loss" in entry else ""))
     return history, time.time() - start
 
 
@@ -298,12 +304,16 @@ def main(argv=None) -> int:
     load = routing_trace.expert_load(trace["experts"], args.experts)          # [L, E]
     log("expert load max/mean per layer: " + " ".join(f"{l.max() / l.mean():.2f}" for l in load)
         + f"; smallest share {load.min():.2%}")
+    if load.min() < 0.01:
+        log(f"WARNING: an expert gets {load.min():.2%} of held-out tokens (< 1%): routing collapsed; "
+            "do not ship this checkpoint (try a larger --aux-loss-coef)")
     with torch.no_grad():
         gens = samples(shipped, tok, SAMPLE_PROMPTS, args.sample_tokens, args.seed)
 
     report = {
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "command": "python train/train_moe.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "reproduce": "python train/train_moe.py " + " ".join(reproduce_argv(sys.argv[1:] if argv is None else argv, total_steps)),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": tf.__version__},
         "corpus": stats, "steps": total_steps, "tokens_seen": total_steps * args.batch * args.seq_len,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
@@ -324,6 +334,22 @@ def main(argv=None) -> int:
     write_card(args.out, report)
     log(f"done in {time.time() - t0:.0f}s: {args.out}")
     return 0
+
+
+def reproduce_argv(argv: list[str], steps: int) -> list[str]:
+    """argv with a --minutes budget replaced by the step count it came to."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--minutes":
+            out += ["--steps", str(steps)]
+            skip = True
+        elif a.startswith("--minutes="):
+            out += ["--steps", str(steps)]
+        else:
+            out.append(a)
+    return out
 
 
 def parameter_count(args, vocab: int) -> int:

@@ -154,3 +154,16 @@ def test_training_refuses_a_non_empty_output_and_an_oversized_model(toy_run, toy
                           "--hidden", "1024", "--intermediate", "2048", "--vocab", "320", "--heads", "8"],
                          capture_output=True, text=True, timeout=60)
     assert big.returncode != 0 and "exceeds the 25.0 MB budget" in big.stderr
+
+
+def test_a_minutes_budget_becomes_a_step_count_that_reproduces_the_run():
+    import train_moe
+    args = train_moe.parse_args(["--out", "unused", "--minutes", "0.5", *TOY[2:]])   # TOY[:2] is --steps
+    model = train_moe.build_model(args, 320, 0)
+    before = [p.clone() for p in model.parameters()]
+    windows = torch.randint(0, 320, (16, args.seq_len))
+    steps = train_moe.steps_for_minutes(args, model, windows, 0.5, lambda msg: None)
+    assert steps >= 1 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # probe on a copy
+    assert train_moe.reproduce_argv(["--out", "d", "--minutes", "26", "--seed", "1"], 130) == \
+        ["--out", "d", "--steps", "130", "--seed", "1"]
+    assert sum(p.numel() for p in model.parameters()) == train_moe.parameter_count(args, 320)
