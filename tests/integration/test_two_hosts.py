@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -39,7 +40,12 @@ def two_hosts():
     if reason:
         pytest.skip(f"two-host test: {reason}")
     temp = tempfile.mkdtemp(prefix="shr", dir="/tmp")     # short: Ray's socket paths live under it
-    common = ["--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 << 20),
+    # Ray's own ports below 32768 on both hosts: the failure test blocks ephemeral-to-ephemeral TCP
+    # (where gloo, NCCL and the reachability probe connect), not Ray.
+    ports = ["--node-manager-port", "7101", "--object-manager-port", "7102", "--metrics-export-port", "7103",
+             "--dashboard-agent-listen-port", "7104", "--dashboard-agent-grpc-port", "7105",
+             "--runtime-env-agent-port", "7106", "--min-worker-port", "10002", "--max-worker-port", "10200"]
+    common = [*ports, "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 << 20),
               "--disable-usage-stats", "--block"]
     trees = []
     with netns.VethPair("shuttle", HEAD, WORKER) as hosts:
@@ -100,3 +106,26 @@ def test_attention_and_experts_on_two_hosts_match_one_host(two_hosts, tiny_model
         assert a["token_ids"] == b["token_ids"], f"prompt {a['index']}: two hosts {a['token_ids']} != one host {b['token_ids']}"
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-4
 
+
+def test_a_node_that_cannot_reach_another_is_named(two_hosts, tiny_model):
+    """A policy route on the head's host refuses TCP between ephemeral ports (where gloo listens and
+    connects) and leaves Ray's ports alone: the bring-up fails within seconds, naming both ends."""
+    hosts, head = two_hosts
+    rule = ["ip", "-n", hosts.a.netns, "rule", "add", "ipproto", "tcp", "sport", "32768-60999",
+            "dport", "32768-60999", "prohibit", "pref", "100"]
+    netns.sh(rule)
+    try:
+        t0 = time.monotonic()
+        p = head.run([f"{BIN}/shuttle", "run", "--address", f"{HEAD}:6379", "--model", tiny_model("qwen2_moe"), *RUN],
+                     timeout=240, env=ray_env(), check=False)
+        elapsed = time.monotonic() - t0
+    finally:
+        netns.sh(["ip", "-n", hosts.a.netns, "rule", "del", "pref", "100"], check=False)
+    assert p.returncode == 1, p.stderr[-3000:]
+    error = p.stderr.strip().splitlines()[-1]
+    assert error.startswith("shuttle run: error: data plane: node "), error
+    assert (f"node {HEAD} (attention ranks 0, 1; interface {hosts.a.ifname}) cannot reach node {WORKER} "
+            f"(expert ranks 0, 1) at {WORKER}:") in error, error
+    assert (f"node {WORKER} (expert ranks 0, 1; interface {hosts.b.ifname}) cannot reach the rendezvous host {HEAD} "
+            f"at {HEAD}:") in error and "no answer within 5s" in error, error
+    assert elapsed < 90, f"the failure took {elapsed:.0f}s"
