@@ -4,12 +4,13 @@ ranks share a GPU, NCCL when each has its own; tokens and logits equal Hugging F
 import pytest
 import torch
 
-from cluster.deployment import Deployment
-from cluster.inventory import local_gpus
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
-from tiny_models import hf_generate
+pytest.importorskip("ray", reason="the deployment needs Ray (./dev installs it)")
+
+from cluster.deployment import Deployment  # noqa: E402
+from scheduler.config import EngineConfig  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from scheduler.request import SamplingParams  # noqa: E402
+from tiny_models import hf_generate  # noqa: E402
 
 PROMPTS = [[(i * 7 + j * 13 + 1) % 256 for j in range(3 + 5 * i)] for i in range(6)]
 
@@ -44,12 +45,6 @@ def check(out, model_dir):
         assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
         diff = (torch.tensor(c.logits) - logits).abs().max().item()
         assert diff <= 1e-4, f"prompt {i}: logits differ by {diff:.2e}"
-
-
-def test_inventory_sees_the_gpus():
-    gpus = local_gpus()
-    assert len(gpus) == torch.cuda.device_count() or len(gpus) >= torch.cuda.device_count()
-    assert all(g.memory_bytes > 0 and g.mem_bandwidth_gbs and g.mem_bandwidth_gbs > 100 for g in gpus), gpus
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
