@@ -53,9 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
     ap.add_argument("--ctx", type=int, default=64, help="prompt length")
-    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per shape")
+    ap.add_argument("--steps", type=int, default=12, help="timed decode steps per shape")
     ap.add_argument("--profile", default=os.path.join(ROOT, "bench", "results", "tune_profile.json"))
     ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
+    ap.add_argument("--quantile", type=float, default=0.25,
+                    help="quantile of span and step times on both sides (a shared machine: 0.25 filters other jobs)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h256-e8"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "tune_accuracy.json"))
     ap.add_argument("--timeline", default=os.path.join(ROOT, "docs", "tune_timeline.png"),
@@ -66,7 +68,8 @@ def main() -> None:
     if args.reprofile or not os.path.isfile(args.profile):
         from shuttle.tune_profile import run_profile
         t0 = time.time()
-        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=6, progress=say)
+        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=6, progress=say,
+                              quantile=args.quantile)
         profile.save(args.profile)
         say(f"profiled in {time.time() - t0:.0f}s")
     profile = Profile.load(args.profile)
@@ -78,12 +81,13 @@ def main() -> None:
         a, e, m, b = (int(x) for x in text.split(","))
         ctx = args.ctx + 1 + args.steps / 2                      # mean context over the timed steps
         pred = predict_local(profile, a, e, m, b, ctx)
-        meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say)
+        meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say, q=args.quantile)
         err = pred.iteration_s / meas.step_s - 1
         rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
                      "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
                      "throughput_error": meas.step_s / pred.iteration_s - 1,
+                     "median_ms": sorted(meas.step_times)[len(meas.step_times) // 2] * 1e3,
                      "step_ms_all": [t * 1e3 for t in meas.step_times]})
         say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
             f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
@@ -94,7 +98,7 @@ def main() -> None:
                           title=f"{profile.model.name}, {profile.machine}: one decode step")
             drawn = True
             say(f"wrote {args.timeline}")
-    print(f"\nMachine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
+    print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
           f"prompt {args.ctx}, {args.steps} timed decode steps per shape (median)")
     print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step | predicted tokens/s | measured tokens/s | error |")
     print("|---|---|---|---|---|---|---|---|---|---|")

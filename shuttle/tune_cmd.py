@@ -45,6 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--contexts", type=_ints, default=(16, 128), help="prompt lengths")
     pr.add_argument("--steps", type=int, default=6, help="traced decode steps per configuration")
     pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
+    pr.add_argument("--quantile", type=float, default=0.5,
+                    help="quantile of span and step times per sample (0.5: medians; 0.25 filters other jobs on a shared machine)")
     pr.add_argument("--out", default="profile.json")
     pr.set_defaults(func=cmd_profile)
 
@@ -95,7 +97,8 @@ def say(msg: str) -> None:
 def cmd_profile(args) -> int:
     from shuttle.tune_profile import run_profile
     profile = run_profile(args.model, args.dtype, list(args.threads) if args.threads else None, tuple(args.batches),
-                          tuple(args.contexts), args.steps, progress=say, address=args.address)
+                          tuple(args.contexts), args.steps, progress=say, address=args.address,
+                          quantile=args.quantile)
     profile.save(args.out)
     print("\n".join(profile.report()))
     say(f"wrote {args.out}")

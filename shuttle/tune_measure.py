@@ -7,19 +7,18 @@ decode throughput B / step, and the spans of the step whose time is the median.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 
 from scheduler.config import EngineConfig
 from scheduler.request import SamplingParams
-from scheduler.tuner.trace import spans_from_trace
+from scheduler.tuner.trace import quantile, spans_from_trace
 
 
 @dataclass
 class Measured:
     batch: int
-    step_s: float                       # median decode step, wall clock at the head
+    step_s: float                       # the q-quantile decode step (median by default), wall clock at the head
     step_times: list[float]
     spans: list = field(default_factory=list)
     events: list = field(default_factory=list)
@@ -30,7 +29,7 @@ class Measured:
 
 
 def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: int, steps: int = 6,
-                   dtype: str = "float32", progress=lambda msg: None, threads: int = 0) -> Measured:
+                   dtype: str = "float32", progress=lambda msg: None, threads: int = 0, q: float = 0.5) -> Measured:
     from cluster.deployment import Deployment
     from scheduler.engine import Engine
     from scheduler.tuner.model_shape import ModelShape
@@ -63,7 +62,7 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
         engine.trace = []
     finally:
         dep.shutdown()
-    median = statistics.median(times)
+    median = quantile(times, q)
     traced_steps = sorted({e.step for e in events if e.side == "attention"})
     pick = min(range(len(times)), key=lambda i: abs(times[i] - median))
     spans, _ = spans_from_trace(events, traced_steps[pick] if pick < len(traced_steps) else None)

@@ -19,7 +19,7 @@ from scheduler.request import SamplingParams
 from scheduler.tuner.costs import token_bytes
 from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
-from scheduler.tuner.trace import step_gaps
+from scheduler.tuner.trace import quantile, step_gaps
 
 
 def machine_name() -> str:
@@ -34,7 +34,9 @@ def machine_name() -> str:
 
 def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | None = None,
                 batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64), contexts: tuple[int, ...] = (16, 128),
-                steps: int = 6, progress=print, address: str | None = None) -> Profile:
+                steps: int = 6, progress=print, address: str | None = None, quantile: float = 0.5) -> Profile:
+    """`quantile` of the span durations and step times taken as each sample (0.5: medians; lower
+    values filter other jobs' interference on a shared machine)."""
     from cluster.deployment import Deployment
     from scheduler.engine import Engine
 
@@ -57,10 +59,10 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
             for bucket in ("attention", "expert", "head"):
                 profile.samples[bucket][key] = []
             progress(f"[{t} thread(s)] warming up (b={max(batches)}, ctx={max(contexts)})")
-            _measure(engine, dep, shape, Profile(shape, dtype, cores, ""), "warm", max(batches), max(contexts), 2, tb)
+            _measure(engine, dep, shape, Profile(shape, dtype, cores, ""), "warm", max(batches), max(contexts), 2, tb, quantile)
             for ctx in contexts:
                 for b in batches:
-                    _measure(engine, dep, shape, profile, key, b, ctx, steps, tb)
+                    _measure(engine, dep, shape, profile, key, b, ctx, steps, tb, quantile)
                     done += 1
                     a = profile.samples["attention"][key][-1]
                     e = profile.samples["expert"][key][-1]
@@ -71,7 +73,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
     return profile.fit()
 
 
-def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float) -> None:
+def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float,
+             q: float = 0.5) -> None:
     for bucket in ("attention", "expert", "head"):
         profile.samples[bucket].setdefault(key, [])
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
@@ -92,18 +95,18 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
     after = dep.health()[1]
     events = engine.trace + dep.expert_trace(since=t_start)
     engine.trace = []
-    gaps = step_gaps(events)
+    gaps = step_gaps(events, q)
     per_step = [gaps[s] for s in sorted(gaps)]
     spans = sum(g["expert_spans"] for g in per_step) or 1
     hits = (after["expert_gemms"] - before["expert_gemms"]) / spans
     mean_ctx = statistics.mean(ctxs)
-    med = lambda k: statistics.median(g[k] for g in per_step)   # noqa: E731
+    med = lambda k: quantile([g[k] for g in per_step], q)   # noqa: E731
     profile.samples["attention"][key].append((b, mean_ctx, med("attention")))
     profile.samples["expert"][key].append((b * shape.top_k, hits, med("expert")))
     profile.samples["head"][key].append((b, med("head")))
     profile.samples["transfer"].append((b * (tb + shape.hidden_size * profile.dtype_bytes) / 2, max(med("transfer"), 1e-6)))
     overheads = [w - g["extent"] for w, g in zip(walls, per_step)]
-    profile.samples["overhead"].append((b, statistics.median(overheads)))
+    profile.samples["overhead"].append((b, quantile(overheads, q)))
     for i in ids:
         engine.abort(i)
     while engine.has_work():

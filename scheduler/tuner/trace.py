@@ -65,8 +65,8 @@ def spans_from_trace(events: list, step: int | None = None) -> tuple[list[Span],
     return spans, wall
 
 
-def step_gaps(events: list) -> dict[int, dict]:
-    """Per step: median attention/expert/head durations, the dispatch and combine gaps, the span extent."""
+def step_gaps(events: list, q: float = 0.5) -> dict[int, dict]:
+    """Per step: the q-quantile of attention/expert durations and transfer gaps, the head, the span extent."""
     by_step = defaultdict(list)
     for e in events:
         by_step[e.step].append(e)
@@ -89,12 +89,12 @@ def step_gaps(events: list) -> dict[int, dict]:
                     expert = max(x.end - x.start for x in exp[(l, j)])
                     transfer.append((wait[(a, l, j)].end - ae.end - expert) / 2)
         out[step] = {
-            "attention": _median([e.end - e.start for e in att.values()]),
-            "expert": _median([x.end - x.start for xs in exp.values() for x in xs]),
+            "attention": quantile([e.end - e.start for e in att.values()], q),
+            "expert": quantile([x.end - x.start for xs in exp.values() for x in xs], q),
             # final norms of the micro-batches, then one LM head + sampling over the step's rows
             "head": sum(e.end - e.start for e in evs if e.phase == "lm_head" or (e.phase == "attention" and e.layer < 0)),
-            "dispatch": _median(dispatch),
-            "transfer": _median(transfer),          # one message, from the round trip (m = 1 profiles)
+            "dispatch": quantile(dispatch, q),
+            "transfer": quantile(transfer, q),          # one message, from the round trip (m = 1 profiles)
             "extent": max(e.end for e in evs) - min(e.start for e in evs),
             "expert_spans": sum(len(xs) for xs in exp.values()),
         }
@@ -102,8 +102,15 @@ def step_gaps(events: list) -> dict[int, dict]:
 
 
 def _median(xs: list[float]) -> float:
+    return quantile(xs, 0.5)
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile; a low one (q = 0.25) filters other jobs' interference on a shared machine."""
     if not xs:
         return 0.0
     xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
