@@ -74,6 +74,11 @@ def ssh_host():
         pytest.skip(f"ray up test: {reason}")
     if not os.path.samefile(BIN, os.path.join(REPO, ".venv", "bin")):
         pytest.skip(f"ray up test: run from the ./dev venv ({REPO}/.venv), not {BIN}")
+    # The YAML's setup runs ./dev inside the namespace, which has no network: make the install current
+    # here first (a no-op right after `./dev test`), so that it is a no-op there too.
+    dev = subprocess.run([os.path.join(REPO, "dev"), "shuttle", "--help"], capture_output=True, text=True,
+                         timeout=900, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert dev.returncode == 0, f"./dev shuttle --help failed:\n{dev.stderr[-3000:]}"
     work = tempfile.mkdtemp(prefix="shuttle-rayup-")
     home = os.path.join(work, "home")
     os.makedirs(os.path.join(work, "ray"))
