@@ -73,6 +73,10 @@ def plan_layout(nodes: list[NodeInventory], n_attention: int, n_expert: int, cpu
     if any(n.declares_role for n in nodes):
         roles, reasons, att, exp = _declared(nodes)
         mode = "declared"
+        for side, have in (("shuttle_attention", att), ("shuttle_expert", exp)):
+            if not have:
+                raise PlacementError(f"roles are declared with Ray resources, but no node declares {side}: add it to "
+                                     "the nodes for that side (`ray start --resources`), or declare no role at all")
     elif use_gpus:
         roles, reasons, att, exp = _by_gpu(nodes)
         mode = "gpu-inventory"

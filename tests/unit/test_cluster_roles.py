@@ -182,6 +182,8 @@ def test_declared_roles_win_over_the_inventory(monkeypatch):
     assert layout.bundle("attention") == {"CPU": 1.0, "GPU": 1.0, "shuttle_attention": 1.0}
     with pytest.raises(PlacementError, match=r"3 expert ranks do not fit: slots for expert ranks per node: 10.0.6.2 2"):
         plan_layout(nodes, 2, 3)
+    with pytest.raises(PlacementError, match="no node declares shuttle_expert"):
+        plan_layout(nodes[:1], 2, 2)
 
 
 def test_declared_roles_on_cpu(monkeypatch):
