@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
     ap.add_argument("--quantile", type=float, default=0.25,
                     help="quantile of span and step times on both sides (a shared machine: 0.25 filters other jobs)")
+    ap.add_argument("--settle-s", type=float, default=10.0, help="seconds to let Ray settle before measuring")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h256-e8"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "tune_accuracy.json"))
     ap.add_argument("--timeline", default=os.path.join(ROOT, "docs", "tune_timeline.png"),
@@ -65,6 +66,10 @@ def main() -> None:
     args = ap.parse_args()
     say = lambda msg: print(f"[accuracy] {msg}", file=sys.stderr, flush=True)   # noqa: E731
     model_dir = build_model(args.cache)
+    # One Ray for every deployment, given time to settle: a fresh Ray's daemons take CPU for seconds.
+    from cluster.ray_env import start_ray
+    start_ray()
+    time.sleep(args.settle_s)
     if args.reprofile or not os.path.isfile(args.profile):
         from shuttle.tune_profile import run_profile
         t0 = time.time()
@@ -79,9 +84,8 @@ def main() -> None:
     rows, drawn = [], False
     for text in args.shapes:
         a, e, m, b = (int(x) for x in text.split(","))
-        ctx = args.ctx + 1 + args.steps / 2                      # mean context over the timed steps
-        pred = predict_local(profile, a, e, m, b, ctx)
         meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say, q=args.quantile)
+        pred = predict_local(profile, a, e, m, b, meas.ctx)        # at the mean context of the timed steps
         err = pred.iteration_s / meas.step_s - 1
         rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,

@@ -244,6 +244,8 @@ def cmd_timeline(args) -> int:
             raise ValueError("--measure needs --model DIR (the checkpoint to run)")
         from shuttle.tune_measure import measure_decode
         measured = measure_decode(args.model, n_a, n_e, m, batch, int(args.ctx), steps=4, dtype=profile.dtype, progress=say)
+        sim = predict_local(profile, n_a, n_e, m, batch, measured.ctx, args.skew)     # at the context the run reached
+        panels[0] = (panels[0][0], sim.spans, sim.iteration_s)
         panels.append((f"measured (A={n_a}, E={n_e}, m={m}, B={batch})", measured.spans, measured.step_s))
         say(f"predicted {sim.iteration_s * 1e3:.1f} ms, measured {measured.step_s * 1e3:.1f} ms per decode step")
     info = draw_timeline(panels, args.out, title=f"{profile.model.name}: one decode iteration")

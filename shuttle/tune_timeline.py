@@ -58,7 +58,9 @@ def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title:
         ax.set_yticks([y[l] for l in lanes], lanes)
         ax.set_ylim(-0.7, len(lanes) - 0.3)
         ax.set_xlim(0, horizon * 1.01)
-        ax.set_title(f"{name}: {iteration_s * 1e3:.1f} ms per iteration", fontsize=10, loc="left")
+        ranks_ms = max((s.end for s in spans), default=0.0) * 1e3
+        ax.set_title(f"{name}: {iteration_s * 1e3:.1f} ms per iteration ({ranks_ms:.1f} ms on the ranks, "
+                     f"the rest at the head: scheduling, control calls)", fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("ms since the iteration started")
     handles = [Patch(color=colours[j % len(colours)], label=f"micro-batch {j}") for j in range(m)]
