@@ -8,6 +8,7 @@ other users). Rank processes use the loopback interface for gloo.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -29,6 +30,10 @@ def local_ray_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in LOCAL_ENV.items()}
 
 
+STARTUP_ATTEMPTS = 3
+log = logging.getLogger("shuttle.ray")
+
+
 def start_ray(address: str | None = None) -> bool:
     """Connect to Ray; start a private local one when `address` is None. True if we started it."""
     if ray.is_initialized():
@@ -38,8 +43,16 @@ def start_ray(address: str | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True, _node_ip_address=node_ip_toward(address))
         return False
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-             configure_logging=False, _node_ip_address="127.0.0.1")
+    for attempt in range(STARTUP_ATTEMPTS):
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                     configure_logging=False, _node_ip_address="127.0.0.1")
+            return True
+        except Exception as e:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start window
+            if "timed out during startup" not in str(e) or attempt == STARTUP_ATTEMPTS - 1:
+                raise
+            log.warning("Ray's node did not start within its 30 s window (machine busy?); trying again")
+            ray.shutdown()
     return True
 
 
