@@ -31,6 +31,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WIN
              "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(k, v)
 
+from bench.random_mixtral import build_random_mixtral  # noqa: E402
 from cluster.deployment import Deployment  # noqa: E402
 from models.spec import load_spec  # noqa: E402
 from scheduler.config import EngineConfig  # noqa: E402
@@ -39,22 +40,9 @@ from scheduler.request import SamplingParams  # noqa: E402
 
 
 def build_model(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    from transformers import MixtralConfig, MixtralForCausalLM
-    print(f"building the benchmark model in {path} ...", file=sys.stderr)
-    cfg = MixtralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                        num_attention_heads=8, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2,
-                        max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
+    return build_random_mixtral(path, vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                                num_attention_heads=8, num_key_value_heads=2, num_local_experts=16,
+                                num_experts_per_tok=2, max_position_embeddings=4096)
 
 
 def read_bandwidth_gbs(mb: int = 1024, repeats: int = 7) -> float:

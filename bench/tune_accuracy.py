@@ -30,23 +30,10 @@ SHAPES = ["1,1,1,8", "1,1,1,32", "1,1,2,32", "1,2,1,16", "2,1,2,32", "1,2,2,64",
 
 
 def build_model(path: str) -> str:
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-    print(f"building the model in {path} ...", file=sys.stderr)
-    cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
-                        eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
+    from bench.random_mixtral import build_random_mixtral
+    return build_random_mixtral(path, vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                num_experts_per_tok=2, max_position_embeddings=2048)
 
 
 def main() -> None:
