@@ -15,6 +15,8 @@ owns one of its experts).
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 
@@ -46,25 +48,30 @@ def token_bytes(shape: ModelShape, dtype_bytes: int) -> float:
     return shape.hidden_size * dtype_bytes + shape.top_k * 12
 
 
-class StageCosts:
+class StageCosts(abc.ABC):
     """Seconds for one layer of one micro-batch; what `search` and `simulate` ask."""
 
     shared_host_cores: int | None = None   # ranks share this many cores (CPU profile); None: a device each
 
+    @abc.abstractmethod
     def attention(self, b: float, ctx: float) -> float:       # T_a: b sequences of mean context ctx
-        raise NotImplementedError
+        """See the comment on the signature."""
 
+    @abc.abstractmethod
     def expert(self, pairs: float, hits: float) -> float:       # T_e: token-expert pairs, distinct experts hit
-        raise NotImplementedError
+        """See the comment on the signature."""
 
+    @abc.abstractmethod
     def transfer(self, nbytes: float) -> float:                 # T_c: one message
-        raise NotImplementedError
+        """See the comment on the signature."""
 
+    @abc.abstractmethod
     def head(self, b: float) -> float:                          # final norm, LM head, sampling of b sequences
-        raise NotImplementedError
+        """See the comment on the signature."""
 
+    @abc.abstractmethod
     def overhead(self, batch: float) -> float:                  # per step, outside the layers
-        raise NotImplementedError
+        """See the comment on the signature."""
 
 
 @dataclass
