@@ -19,7 +19,9 @@ def _opt(default, help_text: str, **extra):
 class EngineConfig:
     attention_ranks: int = _opt(1, "attention ranks (data parallel; each owns its requests and KV cache)")
     expert_ranks: int = _opt(1, "expert ranks (expert parallel; any split of the experts is valid)")
-    micro_batches: int = _opt(2, "micro-batches per step that ping-pong between attention and experts")
+    # Default 1: on CPU machines every measured shape ran faster without ping-pong (memory-bound
+    # experts read their weights once per micro-batch); `shuttle tune plan` picks m for a deployment.
+    micro_batches: int = _opt(1, "micro-batches per step that ping-pong between attention and experts (see shuttle tune plan)")
     dtype: str = _opt("float32", "weights and activations dtype", choices=("float32", "bfloat16"))
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_tokens: int = _opt(0, "KV cache capacity per attention rank, in tokens (0: max-num-seqs × context, capped at 65536)")
