@@ -1,6 +1,5 @@
 """The gRPC server over a real channel, with a fake deployment (no Ray): every status code and message."""
 
-import datetime
 import threading
 import time
 
@@ -8,7 +7,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from grpc_harness import ServerThread
+from grpc_harness import ServerThread, self_signed
 from scheduler.server import ServerOptions
 from serving_fakes import VOCAB, expected_tokens, fake_engine, served_model, tokenizer
 from shuttle.client import ShuttleClient
@@ -263,24 +262,6 @@ def test_bearer_token_auth():
             assert len(list(c.stream(token_ids=[1], max_tokens=4))) == 4
     finally:
         s.drain(1)
-
-
-def self_signed(host="localhost"):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 def test_tls_accepts_the_trusting_client_and_rejects_others():
