@@ -267,9 +267,10 @@ def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
     """ray.get with a deadline; failures name the rank and carry the rank's own error text."""
     names = names or [f"rank {i}" for i in range(len(refs))]
     deadline = time.monotonic() + timeout_s
+    values = []
     for i, ref in enumerate(refs):
         try:
-            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
         except ray.exceptions.GetTimeoutError:
             raise DeploymentError(f"{what}: {names[i]} did not answer within {timeout_s:g}s") from None
         except ray.exceptions.RayTaskError as e:   # the rank raised: its own message says what happened
@@ -278,7 +279,7 @@ def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
             raise DeploymentError(f"{what} failed on {names[i]}: {type(cause).__name__}: {text}") from e
         except ray.exceptions.RayError as e:       # the rank's process died
             raise DeploymentError(f"{what} failed on {names[i]}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-    return ray.get(refs)
+    return values
 
 
 def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None,
