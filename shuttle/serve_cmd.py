@@ -5,7 +5,7 @@
     shuttle generate "prompt" | --prompt-ids 1,2,3  [--address H:P] [--max-tokens N]
                   [--temperature T] [--stop S ...] [--json]
 
-With no --model, `serve` uses the embedded demo model (generated once into a cache directory).
+With no --model, `serve` uses the embedded demo model (the trained `models/shipped/shuttle-moe-tiny`).
 The port is bound first, with health NOT_SERVING while the weights load; SIGTERM or Ctrl-C drains
 (health NOT_SERVING, new calls refused, in-flight requests finish within --drain-grace-s, the rest
 are cancelled) and exits 0.
