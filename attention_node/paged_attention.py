@@ -27,6 +27,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.workspace = _Workspace()
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -78,6 +79,28 @@ class AttentionBatch:
                    prefills=prefills, sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device))
 
 
+class _Workspace:
+    """Reused gather buffers: a fresh multi-MB tensor per layer cost more in page faults than the
+    gather itself on the CPU VM we measure on (decode, 16 × 128 slots: ~1.1 ms per gather with a new
+    output, ~0.06 ms into a reused one)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def gather(self, which: str, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """cache [S, g, d] rows at slots [...] → a view [..., g, d] valid until the next gather of `which`."""
+        n = slots.numel()
+        row = cache.shape[1:]
+        key = (which, cache.dtype, cache.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != row:
+            buf = torch.empty((max(n, 1024),) + tuple(row), dtype=cache.dtype, device=cache.device)
+            self.buffers[key] = buf
+        out = buf[:n]
+        torch.index_select(cache, 0, slots.reshape(-1), out=out)
+        return out.view(*slots.shape, *row)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int,
                     batch: AttentionBatch) -> torch.Tensor:
     """q [T, h, d], k/v [T, g, d] for the new tokens → attention output [T, h, d]."""
@@ -87,14 +110,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     out = torch.empty_like(q)
     if batch.decode_rows.numel():
         qd = q[batch.decode_rows].unsqueeze(2)                  # [B, h, 1, d]
-        kd = k_cache[batch.decode_slots].transpose(1, 2)        # [B, g, L, d]
-        vd = v_cache[batch.decode_slots].transpose(1, 2)
+        kd = cache.workspace.gather("k", k_cache, batch.decode_slots).transpose(1, 2)   # [B, g, L, d]
+        vd = cache.workspace.gather("v", v_cache, batch.decode_slots).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
         out[batch.decode_rows] = od.squeeze(2)
     for start, n, ctx_slots, mask in batch.prefills:
         qp = q[start:start + n].transpose(0, 1)                 # [h, q, d]
-        kp = k_cache[ctx_slots].transpose(0, 1)                 # [g, C, d]
-        vp = v_cache[ctx_slots].transpose(0, 1)
+        kp = cache.workspace.gather("k", k_cache, ctx_slots).transpose(0, 1)         # [g, C, d]
+        vp = cache.workspace.gather("v", v_cache, ctx_slots).transpose(0, 1)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
         out[start:start + n] = op.transpose(0, 1)
     return out

@@ -36,6 +36,17 @@ def build_model(path: str) -> str:
                                 num_experts_per_tok=2, max_position_embeddings=2048)
 
 
+def stage_medians(spans, q: float) -> dict:
+    """q-quantile duration (ms) of each span kind: where a prediction and a measurement part ways."""
+    from scheduler.tuner.trace import quantile
+    out = {}
+    for kind in ("attention", "expert", "dispatch", "combine", "head", "wait"):
+        d = [s.end - s.start for s in spans if s.kind == kind and (kind != "head" or s.micro_batch < 0)]
+        if d:
+            out[kind] = quantile(d, q) * 1e3
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
@@ -80,6 +91,10 @@ def main() -> None:
                      "throughput_error": meas.step_s / pred.iteration_s - 1,
                      "median_ms": sorted(meas.step_times)[len(meas.step_times) // 2] * 1e3,
                      "step_ms_all": [t * 1e3 for t in meas.step_times]})
+        rows[-1]["stages_predicted_ms"] = stage_medians(pred.spans, 0.5)
+        rows[-1]["stages_measured_ms"] = stage_medians(meas.spans, 0.5)
+        say("  stage medians, predicted | measured (ms): " + ", ".join(
+            f"{k} {rows[-1]['stages_predicted_ms'].get(k, 0):.2f} | {v:.2f}" for k, v in rows[-1]["stages_measured_ms"].items()))
         say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
             f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
         if m >= 2 and not drawn and args.timeline:

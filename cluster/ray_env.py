@@ -22,6 +22,9 @@ LOCAL_ENV = {
     # rank and an expert rank on one machine take turns, and the idle one's spinning threads steal
     # the busy one's cores (decode step at batch 64 on 2 cores: 249 ms spinning, 125 ms with 1000).
     "GOMP_SPINCOUNT": "1000",
+    # Ray starts worker processes (our ranks) at niceness 15, so the head, the gRPC server, Ray's own
+    # daemons and any client on the machine preempt the ranks on every step. Ranks are the service.
+    "RAY_worker_niceness": "0",
 }
 
 

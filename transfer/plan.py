@@ -2,13 +2,20 @@
 
 Legend: T tokens in a micro-batch, k experts per token, H hidden size, R expert ranks.
 
-For one (layer, micro-batch), attention rank a sends every expert rank e one header and, when e
-owns at least one of a token's k experts, that token once (not once per expert):
-    header  int64 [HEADER_LEN]   (kind, step, layer, micro_batch, count)
-    payload                       count rows: hidden [count, H] and routing [count, 2k]
-                                  (k global expert ids as floats, then k weights, float32)
+For one (layer, micro-batch), attention rank a sends every expert rank e one *dispatch message*
+holding, for each token with at least one of its k experts on e (once, not once per expert):
+    header   int64 [HEADER_LEN]   (kind, step, layer, micro_batch, count), padded to HEADER_BYTES
+    payload                        count rows: hidden [count, H] and routing [count, 2k]
+                                   (k global expert ids as floats, then k weights, float32)
 In float32 the payload is one tensor [count, H + 2k]; otherwise two (hidden in its dtype, then
-routing in float32, since bfloat16 cannot hold expert ids exactly). A zero count sends no payload.
+routing in float32, since bfloat16 cannot hold expert ids exactly).
+The dispatch message has a fixed size, HEADER_BYTES + the inline capacity (`Layout`): the expert
+rank posts its receive before the message exists, so the size must be known in advance. When the
+payload fits (count ≤ `Layout.inline_rows`, every decode batch of a normal size) it travels
+inside the message: one message per (attention rank, expert rank, layer, micro-batch). A larger
+payload (prefill chunks) follows as separate tensors of exact size once the expert rank has read
+the count. One message instead of header-then-payload halves the latency of a dispatch: a payload
+sent before its receive is posted costs gloo a rendezvous round trip.
 The expert rank answers with one combine tensor [count, H]: for each token, the weighted sum of
 its local experts' outputs. The attention rank adds the R answers back into the token rows.
 """
@@ -20,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 HEADER_LEN = 5
+HEADER_BYTES = 64          # the header's int64s, padded so payload views stay aligned for any dtype
+INLINE_BYTES = 64 * 1024   # payload bytes carried inside a dispatch message (at least one row)
 KIND_DATA = 0
 KIND_SHUTDOWN = 1
 
@@ -73,3 +82,53 @@ def unpack_payload(buffers: list[torch.Tensor], hidden_size: int, top_k: int):
     else:
         hidden, routing = buffers
     return hidden, routing[:, :top_k].long(), routing[:, top_k:]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the fixed dispatch message for one model (both sides build the same one)."""
+
+    hidden_size: int
+    top_k: int
+    dtype: torch.dtype
+    inline_bytes: int = INLINE_BYTES
+
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden_size * torch.empty(0, dtype=self.dtype).element_size() + 2 * self.top_k * 4
+
+    @property
+    def inline_rows(self) -> int:
+        return max(1, self.inline_bytes // self.row_bytes)
+
+    @property
+    def message_bytes(self) -> int:
+        return HEADER_BYTES + self.inline_rows * self.row_bytes
+
+    def empty_message(self, device) -> torch.Tensor:
+        return torch.empty(self.message_bytes, dtype=torch.uint8, device=device)
+
+    def pack(self, header: Header, payload: list[torch.Tensor], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the dispatch message, payload tensors still to send separately: [] when inline)."""
+        msg = torch.zeros(self.message_bytes, dtype=torch.uint8, device=device)
+        msg[:HEADER_LEN * 8] = header.to_tensor().to(device).view(torch.uint8)
+        if header.count > self.inline_rows:
+            return msg, [t.to(device) for t in payload]
+        at = HEADER_BYTES
+        for t in payload:
+            raw = t.contiguous().view(-1).view(torch.uint8)
+            msg[at:at + raw.numel()] = raw.to(device)
+            at += raw.numel()
+        return msg, []
+
+    def header(self, msg: torch.Tensor) -> Header:
+        return Header.from_tensor(msg[:HEADER_LEN * 8].view(torch.int64).cpu())
+
+    def inline_payload(self, msg: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Views of the payload inside a received message (count ≤ inline_rows), as payload_buffers lays it out."""
+        out, at = [], HEADER_BYTES
+        for b in payload_buffers(count, self.hidden_size, self.top_k, self.dtype, "meta"):
+            n = b.numel() * b.element_size()
+            out.append(msg[at:at + n].view(b.dtype).view(b.shape))
+            at += n
+        return out

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from transfer.base import AttentionTransfer, ExpertBatch, ExpertTransfer, TransferError
-from transfer.plan import (HEADER_LEN, KIND_DATA, KIND_SHUTDOWN, Header, pack_payload, payload_buffers,
-                           route_plan, unpack_payload)
+from transfer.plan import (INLINE_BYTES, KIND_DATA, KIND_SHUTDOWN, Header, Layout, pack_payload, payload_buffers, route_plan,
+                           unpack_payload)
 
 # An idle expert rank waits for headers without a deadline; gloo needs *some* timeout.
 _OPEN_ENDED = datetime.timedelta(days=3650)
@@ -73,7 +73,8 @@ def wire_device(backend: str, device: torch.device) -> torch.device:
 
 class TorchDistAttentionTransfer(AttentionTransfer):
     def __init__(self, attention_rank: int, num_attention: int, owner: list[int], hidden_size: int,
-                 top_k: int, dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo"):
+                 top_k: int, dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo",
+                 inline_bytes: int = INLINE_BYTES):
         self.rank = attention_rank
         self.num_attention = num_attention
         self.num_expert = max(owner) + 1
@@ -81,6 +82,7 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         self.hidden_size, self.top_k, self.dtype, self.device = hidden_size, top_k, dtype, device
         self.wire = wire_device(backend, device)
         self.timeout_s = timeout_s
+        self.layout = Layout(hidden_size, top_k, dtype, inline_bytes)
 
     def _peer(self, e: int) -> int:
         return self.num_attention + e
@@ -89,15 +91,13 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         handle = _Dispatch(step, layer, micro_batch, hidden.shape[0])
         for e, idx in enumerate(route_plan(topk_ids, self.owner, self.num_expert)):
             n = idx.numel()
-            header = Header(KIND_DATA, step, layer, micro_batch, n).to_tensor().to(self.wire)
-            handle.sends.append((dist.isend(header, self._peer(e)), header, e))
-            if n == 0:
-                continue
-            for t in pack_payload(hidden[idx], topk_ids[idx], topk_weights[idx]):
-                t = t.to(self.wire)
+            if n:   # post the combine's receive first, so it is there before the answer can be
+                buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.wire)
+                handle.recvs.append((e, idx, buf, dist.irecv(buf, self._peer(e))))
+            payload = pack_payload(hidden[idx], topk_ids[idx], topk_weights[idx]) if n else []
+            msg, rest = self.layout.pack(Header(KIND_DATA, step, layer, micro_batch, n), payload, self.wire)
+            for t in (msg, *rest):
                 handle.sends.append((dist.isend(t, self._peer(e)), t, e))
-            buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.wire)
-            handle.recvs.append((e, idx, buf, dist.irecv(buf, self._peer(e))))
         return handle
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
@@ -111,25 +111,27 @@ class TorchDistAttentionTransfer(AttentionTransfer):
         return out
 
     def close(self) -> None:
-        header = Header(KIND_SHUTDOWN, 0, 0, 0, 0).to_tensor().to(self.wire)
-        works = [dist.isend(header, self._peer(e)) for e in range(self.num_expert)]
+        msg, _ = self.layout.pack(Header(KIND_SHUTDOWN, 0, 0, 0, 0), [], self.wire)
+        works = [dist.isend(msg, self._peer(e)) for e in range(self.num_expert)]
         for e, work in enumerate(works):
             _wait(work, self.timeout_s, f"attention rank {self.rank}: shutdown to expert rank {e}")
 
 
 class TorchDistExpertTransfer(ExpertTransfer):
     def __init__(self, expert_rank: int, num_attention: int, hidden_size: int, top_k: int,
-                 dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo"):
+                 dtype: torch.dtype, device: torch.device, timeout_s: float, backend: str = "gloo",
+                 inline_bytes: int = INLINE_BYTES):
         self.rank = expert_rank
         self.num_attention = num_attention
         self.hidden_size, self.top_k, self.dtype, self.device = hidden_size, top_k, dtype, device
         self.wire = wire_device(backend, device)
         self.timeout_s = timeout_s
+        self.layout = Layout(hidden_size, top_k, dtype, inline_bytes)
         self._headers = [self._post_header(a) for a in range(num_attention)]
         self._pending_sends: list = []
 
     def _post_header(self, a: int):
-        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
+        buf = self.layout.empty_message(self.wire)
         return buf, dist.irecv(buf, a)
 
     def dispatch_wait(self) -> ExpertBatch | None:
@@ -139,7 +141,7 @@ class TorchDistExpertTransfer(ExpertTransfer):
             _wait(work, None if a == 0 else self.timeout_s,
                   f"expert rank {self.rank}: no header from attention rank {a}"
                   + (f" (after {headers[0]})" if headers else ""))
-            headers.append(Header.from_tensor(buf.cpu()))
+            headers.append(self.layout.header(buf))
         kinds = {h.kind for h in headers}
         if kinds == {KIND_SHUTDOWN}:
             return None
@@ -149,8 +151,13 @@ class TorchDistExpertTransfer(ExpertTransfer):
         where = f"step {h0.step}, layer {h0.layer}, micro-batch {h0.micro_batch}"
         posted = []
         for a, h in enumerate(headers):
-            bufs = payload_buffers(h.count, self.hidden_size, self.top_k, self.dtype, self.wire) if h.count else []
-            posted.append((bufs, [dist.irecv(b, a) for b in bufs]))
+            if h.count == 0:
+                posted.append(([], []))
+            elif h.count <= self.layout.inline_rows:
+                posted.append((self.layout.inline_payload(self._headers[a][0], h.count), []))
+            else:
+                bufs = payload_buffers(h.count, self.hidden_size, self.top_k, self.dtype, self.wire)
+                posted.append((bufs, [dist.irecv(b, a) for b in bufs]))
         batch = ExpertBatch(h0.step, h0.layer, h0.micro_batch, [], [], [])
         for a, (bufs, works) in enumerate(posted):
             for work in works:

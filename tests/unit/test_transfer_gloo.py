@@ -13,10 +13,10 @@ H, K = 16, 2
 OWNER = [0, 0, 1, 1]   # 4 experts over 2 expert ranks; global ranks: attention 0, experts 1 and 2
 
 
-def _expert(rank: int, port: int, mode: str) -> None:
+def _expert(rank: int, port: int, mode: str, inline_bytes: int) -> None:
     from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane
     init_data_plane("127.0.0.1", port, rank, 3, "gloo")
-    t = TorchDistExpertTransfer(rank - 1, 1, H, K, torch.float32, torch.device("cpu"), timeout_s=10)
+    t = TorchDistExpertTransfer(rank - 1, 1, H, K, torch.float32, torch.device("cpu"), timeout_s=10, inline_bytes=inline_bytes)
     if mode == "silent":
         time.sleep(30)
         os._exit(0)
@@ -30,16 +30,17 @@ def _expert(rank: int, port: int, mode: str) -> None:
     t.close()
 
 
-def _run(mode: str, timeout_s: float):
+def _run(mode: str, timeout_s: float, inline_bytes: int = 64 * 1024):
     from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, leave_data_plane
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_expert, args=(r, store.port, mode), daemon=True) for r in (1, 2)]
+    procs = [ctx.Process(target=_expert, args=(r, store.port, mode, inline_bytes), daemon=True) for r in (1, 2)]
     for p in procs:
         p.start()
     init_data_plane("127.0.0.1", store.port, 0, 3, "gloo")
     try:
-        t = TorchDistAttentionTransfer(0, 1, OWNER, H, K, torch.float32, torch.device("cpu"), timeout_s=timeout_s)
+        t = TorchDistAttentionTransfer(0, 1, OWNER, H, K, torch.float32, torch.device("cpu"), timeout_s=timeout_s,
+                                       inline_bytes=inline_bytes)
         x = torch.randn(6, H)
         ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0], [3, 1], [0, 1]])   # rank 1 gets no token of layer... some rows
         w = torch.rand(6, K)
@@ -57,8 +58,11 @@ def _run(mode: str, timeout_s: float):
                 p.kill()
 
 
-def test_round_trip_sums_expert_outputs_per_token():
-    x, ids, w, results = _run("echo", timeout_s=20)
+@pytest.mark.parametrize("inline_bytes", [64 * 1024, 4 * (H + 2 * K) * 4], ids=["inline", "overflow"])
+def test_round_trip_sums_expert_outputs_per_token(inline_bytes):
+    # "overflow": room for 4 rows in the dispatch message, so expert rank 0's 5 tokens follow as a
+    # separate payload while expert rank 1's 3 tokens still travel inline.
+    x, ids, w, results = _run("echo", timeout_s=20, inline_bytes=inline_bytes)
     expected = x * ((ids + 1) * w).sum(-1, keepdim=True)
     for got in results:
         torch.testing.assert_close(got, expected)

@@ -2,7 +2,7 @@
 
 import torch
 
-from transfer.plan import Header, KIND_DATA, pack_payload, payload_buffers, route_plan, unpack_payload
+from transfer.plan import HEADER_BYTES, Header, KIND_DATA, Layout, pack_payload, payload_buffers, route_plan, unpack_payload
 
 
 def test_route_plan_sends_each_token_once_per_owning_rank():
@@ -42,3 +42,24 @@ def test_payload_bfloat16_keeps_expert_ids_exact():
     assert [m.dtype for m in msgs] == [torch.bfloat16, torch.float32]
     h2, ids2, w2 = unpack_payload(msgs, 8, 2)
     assert torch.equal(ids2, ids) and torch.equal(h2, hidden) and torch.equal(w2, w)
+
+
+def test_dispatch_message_carries_a_small_payload_inline():
+    for dtype in (torch.float32, torch.bfloat16):
+        layout = Layout(hidden_size=8, top_k=2, dtype=dtype, inline_bytes=1024)
+        hidden, ids, w = torch.randn(3, 8).to(dtype), torch.tensor([[5, 1], [1000, 3], [0, 7]]), torch.rand(3, 2)
+        header = Header(KIND_DATA, step=2, layer=1, micro_batch=0, count=3)
+        msg, rest = layout.pack(header, pack_payload(hidden, ids, w), "cpu")
+        assert rest == [] and msg.numel() == layout.message_bytes == HEADER_BYTES + layout.inline_rows * layout.row_bytes
+        received = layout.empty_message("cpu").copy_(msg)       # what the pre-posted receive holds
+        assert layout.header(received) == header
+        h2, ids2, w2 = unpack_payload(layout.inline_payload(received, 3), 8, 2)
+        assert torch.equal(h2, hidden) and torch.equal(ids2, ids) and torch.equal(w2, w)
+
+
+def test_dispatch_message_leaves_a_large_payload_to_follow():
+    layout = Layout(hidden_size=8, top_k=2, dtype=torch.float32, inline_bytes=2 * (8 + 4) * 4)
+    assert layout.inline_rows == 2
+    payload = pack_payload(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
+    msg, rest = layout.pack(Header(KIND_DATA, 0, 0, 0, 3), payload, "cpu")
+    assert layout.header(msg).count == 3 and len(rest) == 1 and torch.equal(rest[0], payload[0])
