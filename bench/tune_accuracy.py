@@ -26,7 +26,8 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WIN
 from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
 from scheduler.tuner.profile import Profile  # noqa: E402
 
-SHAPES = ["1,1,1,8", "1,1,1,32", "1,1,2,32", "1,2,1,16", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
+# Not the profile's calibration runs (1,2,1,8, 1,1,2,16 and 2,1,1,8): every row here is predicted, not fitted.
+SHAPES = ["1,1,1,8", "1,1,1,32", "2,1,1,16", "1,1,2,32", "1,2,1,16", "1,1,3,48", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
 
 
 def build_model(path: str) -> str:
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
     ap.add_argument("--ctx", type=int, default=64, help="prompt length")
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per shape")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all shapes; each shape's median round is reported")
     ap.add_argument("--profile", default=os.path.join(ROOT, "bench", "results", "tune_profile.json"))
     ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
     ap.add_argument("--quantile", type=float, default=0.25,
@@ -80,16 +82,21 @@ def main() -> None:
 
     from shuttle.tune_measure import measure_decode
     rows, drawn = [], False
-    for text in args.shapes:
-        a, e, m, b = (int(x) for x in text.split(","))
-        meas = measure_decode(model_dir, a, e, m, b, args.ctx, steps=args.steps, progress=say, q=args.quantile)
+    shapes = [tuple(int(x) for x in text.split(",")) for text in args.shapes]
+    runs: dict[tuple, list] = {shape: [] for shape in shapes}
+    for r in range(args.repeats):          # rounds over all shapes: slow spells of the machine hit every shape
+        for shape in shapes:
+            say(f"round {r + 1}/{args.repeats}")
+            runs[shape].append(measure_decode(model_dir, *shape, args.ctx, steps=args.steps, progress=say, q=args.quantile))
+    for (a, e, m, b) in shapes:
+        ms = sorted(runs[(a, e, m, b)], key=lambda x: x.step_s)
+        meas = ms[len(ms) // 2]                                    # the median round
         pred = predict_local(profile, a, e, m, b, meas.ctx)        # at the mean context of the timed steps
-        err = pred.iteration_s / meas.step_s - 1
         rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
+                     "rounds_ms": [x.step_s * 1e3 for x in runs[(a, e, m, b)]],
                      "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
                      "throughput_error": meas.step_s / pred.iteration_s - 1,
-                     "median_ms": sorted(meas.step_times)[len(meas.step_times) // 2] * 1e3,
                      "step_ms_all": [t * 1e3 for t in meas.step_times]})
         rows[-1]["stages_predicted_ms"] = stage_medians(pred.spans, 0.5)
         rows[-1]["stages_measured_ms"] = stage_medians(meas.spans, 0.5)
@@ -105,11 +112,12 @@ def main() -> None:
             drawn = True
             say(f"wrote {args.timeline}")
     print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
-          f"prompt {args.ctx}, {args.steps} timed decode steps per shape (median)")
-    print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step | predicted tokens/s | measured tokens/s | error |")
+          f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets)")
+    print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | predicted tokens/s | measured tokens/s | error |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['A']} | {r['E']} | {r['M']} | {r['B']} | {r['threads']} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} | "
+        rounds = "/".join(f"{x:.0f}" for x in r["rounds_ms"])
+        print(f"| {r['A']} | {r['E']} | {r['M']} | {r['B']} | {r['threads']} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} ({rounds}) | "
               f"{r['predicted_tok_s']:.0f} | {r['measured_tok_s']:.0f} | {100 * (r['predicted_tok_s'] / r['measured_tok_s'] - 1):+.1f}% |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

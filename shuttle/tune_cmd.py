@@ -29,6 +29,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        a, e, m, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A,E,M,B (four integers, e.g. 1,2,1,8)") from None
+    if min(a, e, m, b) < 1 or b < a * m:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be ≥ 1 and B ≥ A·M")
+    return a, e, m, b
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -47,6 +57,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
     pr.add_argument("--quantile", type=float, default=0.5,
                     help="quantile of span and step times per sample (0.5: medians; 0.25 filters other jobs on a shared machine)")
+    pr.add_argument("--calibrate", type=_shape, nargs="*", default=[(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8)], metavar="A,E,M,B",
+                    help="multi-rank deployments run whole to calibrate the interference terms (default: 1,2,1,8 1,1,2,16 2,1,1,8; "
+                         "none: --calibrate with no value)")
     pr.add_argument("--out", default="profile.json")
     pr.set_defaults(func=cmd_profile)
 
@@ -98,7 +111,7 @@ def cmd_profile(args) -> int:
     from shuttle.tune_profile import run_profile
     profile = run_profile(args.model, args.dtype, list(args.threads) if args.threads else None, tuple(args.batches),
                           tuple(args.contexts), args.steps, progress=say, address=args.address,
-                          quantile=args.quantile)
+                          quantile=args.quantile, calibration=tuple(args.calibrate))
     profile.save(args.out)
     print("\n".join(profile.report()))
     say(f"wrote {args.out}")

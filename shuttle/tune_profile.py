@@ -5,6 +5,9 @@ turns and every span is measured alone) decodes batches of b sequences at a few 
 with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and combine transfer
 gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks. A warm-up
 configuration runs first and is discarded (the first steps of a fresh deployment are slower).
+Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16 and 2,1,1,8)
+decode for real, and their step times calibrate the simulator's interference terms: what the
+turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting for a core).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ def machine_name() -> str:
 
 def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | None = None,
                 batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64), contexts: tuple[int, ...] = (16, 128),
-                steps: int = 6, progress=print, address: str | None = None, quantile: float = 0.5) -> Profile:
+                steps: int = 6, progress=print, address: str | None = None, quantile: float = 0.5,
+                calibration: tuple = ((1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8)), calibration_ctx: int = 64) -> Profile:
     """`quantile` of the span durations and step times taken as each sample (0.5: medians; lower
-    values filter other jobs' interference on a shared machine)."""
+    values filter other jobs' interference on a shared machine). `calibration`: (A, E, M, B)
+    deployments run whole afterwards, to calibrate the interference terms (see profile.py)."""
     from cluster.deployment import Deployment
     from scheduler.engine import Engine
 
@@ -70,7 +75,16 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
                              f"T_e {e[2] * 1e3:.2f} ms ({e[1]:.1f} experts hit), T_c {profile.samples['transfer'][-1][1] * 1e3:.2f} ms")
         finally:
             dep.shutdown()
-    return profile.fit()
+    profile.fit()
+    from shuttle.tune_measure import measure_decode
+    for i, (a, e, m, b) in enumerate(calibration):
+        if e > shape.num_experts:
+            progress(f"[calibration {i + 1}/{len(calibration)}] skipped: {e} expert ranks > {shape.num_experts} experts")
+            continue
+        progress(f"[calibration {i + 1}/{len(calibration)}] A={a} E={e} m={m} B={b}: running it whole")
+        meas = measure_decode(model_dir, a, e, m, b, calibration_ctx, steps=12, dtype=dtype, q=quantile, address=address)
+        profile.samples["calibration"].append([a, e, m, b, meas.ctx, meas.step_s])
+    return profile.calibrate()
 
 
 def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float,

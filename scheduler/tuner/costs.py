@@ -52,6 +52,12 @@ class StageCosts(abc.ABC):
     """Seconds for one layer of one micro-batch; what `search` and `simulate` ask."""
 
     shared_host_cores: int | None = None   # ranks share this many cores (CPU profile); None: a device each
+    # Interference on a shared host, calibrated by `shuttle tune profile` from real multi-rank runs
+    # (zero elsewhere): each extra rank computing at the same moment slows every running span by
+    # this fraction; a message sent while every core is busy computing waits this long for a core
+    # to run the transport's I/O thread and wake its receiver.
+    overlap_slowdown: float = 0.0
+    wakeup_latency_s: float = 0.0
 
     @abc.abstractmethod
     def attention(self, b: float, ctx: float) -> float:       # T_a: b sequences of mean context ctx
@@ -84,6 +90,8 @@ class ProfiledCosts(StageCosts):
     head_fit: LinearFit
     overhead_fit: LinearFit
     shared_host_cores: int | None = None
+    overlap_slowdown: float = 0.0
+    wakeup_latency_s: float = 0.0
 
     def attention(self, b: float, ctx: float) -> float:
         return self.attention_fit({"1": 1.0, "b": b, "b*ctx": b * ctx}) if b > 0 else 0.0

@@ -6,6 +6,12 @@ Samples (one per measured configuration, each a median over layers and steps):
     head[threads]:      (b, seconds)             final norm + LM head + sampling
     transfer:           (bytes, seconds)         T_c, one message (dispatch and combine gaps)
     overhead:           (B, seconds)             step wall time outside the ranks' spans (control plane)
+    calibration:        (n_a, n_e, m, B, ctx, s) decode step time of whole multi-rank deployments
+
+The stage samples come from a deployment whose two ranks take turns, so they cannot show what
+happens when ranks on one host run at once or hear from several peers. `calibrate()` fits the
+two interference terms of the simulator (`overlap_slowdown`, `wakeup_latency_s`, see simulate.py) to
+the calibration runs: a grid search for the pair whose simulated step times best match them.
 
 Candidate forms (the fit keeps the one with the lowest leave-one-out error, see `fit.py`):
     T_a = k1·b + k2 (MegaScale-Infer) | + k3·b·ctx (KV reads)   T_e = k3·pairs + k4 | + k5·hits (weight reads)
@@ -15,6 +21,7 @@ Candidate forms (the fit keeps the one with the lowest leave-one-out error, see 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from scheduler.tuner.costs import ProfiledCosts
@@ -35,8 +42,10 @@ class Profile:
     dtype: str
     cores: int
     machine: str
-    samples: dict = field(default_factory=lambda: {"attention": {}, "expert": {}, "head": {}, "transfer": [], "overhead": []})
+    samples: dict = field(default_factory=lambda: {"attention": {}, "expert": {}, "head": {}, "transfer": [], "overhead": [],
+                                                   "calibration": []})
     fits: dict = field(default_factory=dict)
+    interference: dict = field(default_factory=lambda: {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0})
 
     @property
     def dtype_bytes(self) -> int:
@@ -69,7 +78,31 @@ class Profile:
         t = max([x for x in have if x <= threads] or [min(have)])
         key = str(t)
         return ProfiledCosts(self.fits["attention"][key], self.fits["expert"][key], self.fits["transfer"],
-                             self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores)
+                             self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores,
+                             overlap_slowdown=self.interference["overlap_slowdown"],
+                             wakeup_latency_s=self.interference["wakeup_latency_s"])
+
+    def calibrate(self) -> "Profile":
+        """Fit the interference terms to the calibration runs (no runs: both stay 0)."""
+        runs = self.samples.get("calibration") or []
+        if not runs:
+            self.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0}
+            return self
+        from scheduler.tuner.local import predict_local   # local.py imports this module
+
+        def error(s: float, d: float) -> float:
+            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d}
+            return sum(abs(math.log(predict_local(self, a, e, m, b, ctx, record=False).iteration_s / t))
+                       for a, e, m, b, ctx, t in runs) / len(runs)
+
+        # coarse grid, then a finer one around its best point
+        grid = [(s / 10, d * 0.25e-3) for s in range(16) for d in range(13)]
+        best = min(grid, key=lambda sd: error(*sd))
+        fine = [(max(0.0, best[0] + i * 0.02), max(0.0, best[1] + j * 0.05e-3)) for i in range(-5, 6) for j in range(-5, 6)]
+        s, d = min(fine, key=lambda sd: error(*sd))
+        err = error(s, d)
+        self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "mean_abs_log_error": err, "runs": len(runs)}
+        return self
 
     def report(self) -> list[str]:
         lines = [f"profile of {self.model.name} ({self.dtype}) on {self.machine}, {self.cores} cores"]
@@ -81,13 +114,21 @@ class Profile:
         for what, label in (("transfer", "T_c"), ("overhead", "step overhead")):
             f = self.fits[what]
             lines.append(f"  {label:13s} = {f.formula(1e-6, 'µs'):36s} {f.quality()}")
+        i = self.interference
+        if i.get("runs"):
+            lines.append(f"  interference: overlap slowdown {i['overlap_slowdown']:.2f} per extra running rank, wake-up "
+                         f"latency {i['wakeup_latency_s'] * 1e3:.2f} ms for a message sent while every core computes (calibrated on {i['runs']} "
+                         f"multi-rank runs, mean error {100 * (math.exp(i['mean_abs_log_error']) - 1):.1f}%)")
+        else:
+            lines.append("  interference: not calibrated (no multi-rank runs in this profile): concurrent ranks are "
+                         "modelled by core sharing alone")
         return lines
 
     # ---- files ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         fits = {k: ({t: f.to_dict() for t, f in v.items()} if isinstance(v, dict) else v.to_dict()) for k, v in self.fits.items()}
         return {"format": FORMAT, "model": self.model.to_dict(), "dtype": self.dtype, "cores": self.cores,
-                "machine": self.machine, "samples": self.samples, "fits": fits}
+                "machine": self.machine, "samples": self.samples, "fits": fits, "interference": self.interference}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -104,5 +145,10 @@ class Profile:
             raise ValueError(f"profile {path!r} is not JSON: {e.msg}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"profile {path!r} is not a {FORMAT} file (make one with `shuttle tune profile`)")
-        p = cls(ModelShape.from_dict(d["model"]), d["dtype"], d["cores"], d["machine"], d["samples"])
-        return p.fit()
+        samples = {"calibration": [], **d["samples"]}
+        p = cls(ModelShape.from_dict(d["model"]), d["dtype"], d["cores"], d["machine"], samples).fit()
+        if d.get("interference"):
+            p.interference = d["interference"]
+        elif samples["calibration"]:
+            p.calibrate()
+        return p

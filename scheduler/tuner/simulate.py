@@ -11,6 +11,11 @@ What runs, in the order the engine runs it (attention_node/forward.py `run_pingp
 - ranks that share a host (the CPU profile: `StageCosts.shared_host_cores`) share its cores:
   while the running tasks want more threads than there are cores, each runs slower in proportion
   (processor sharing). On GPUs each rank has its own devices.
+- interference measured on a shared host (`StageCosts.overlap_slowdown`, `wakeup_latency_s`, both 0
+  unless a profile calibrated them): while k ranks compute at once each runs 1 + s·(k-1) times
+  slower; a message sent while the other ranks' computing threads fill every core arrives
+  `wakeup_latency_s` later (no idle core runs the transport's thread and wakes the receiver until
+  the scheduler preempts someone).
 Skewed expert load: expert popularity ∝ 1/(i+1)^skew (skew 0 = uniform), experts placed on ranks
 in contiguous blocks as `scheduler/placement.py` does; the hottest rank then paces the experts.
 """
@@ -107,6 +112,8 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
         programs[f"expert {e}"] = [("expert", l, j, t_e[e][j]) for l in range(L) for j in range(m)]
     threads = {lane: plan.threads_a if lane.startswith("attention") else plan.threads_e for lane in programs}
     cores = ca.shared_host_cores
+    slowdown = ca.overlap_slowdown if cores else 0.0
+    wakeup = ca.wakeup_latency_s if cores else 0.0
 
     dispatch_at: dict[tuple, float] = {}     # (a, e, l, j) → arrival time at expert e
     combine_at: dict[tuple, float] = {}      # (e, a, l, j) → arrival time at attention a
@@ -138,15 +145,16 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
         if record:
             spans.append(Span(lane, kind, l, j, start, end))
         idx = int(lane.split()[1])
+        late = wakeup if wakeup and sum(threads[x] for x in running) >= cores else 0.0   # cores all busy
         if kind == "attention":
             for e in range(plan.n_e):
-                arrive = end + t_c[idx][e][j]
+                arrive = end + t_c[idx][e][j] + late
                 dispatch_at[(idx, e, l, j)] = arrive
                 if record:
                     spans.append(Span("transfer", "dispatch", l, j, end, arrive))
         elif kind == "expert":
             for a in range(plan.n_a):
-                arrive = end + t_c[a][idx][j]
+                arrive = end + t_c[a][idx][j] + late
                 combine_at[(idx, a, l, j)] = arrive
                 if record:
                     spans.append(Span("transfer", "combine", l, j, end, arrive))
@@ -170,7 +178,7 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
                 next_ready = min(next_ready, t)
         if cores:
             want = sum(threads[lane] for lane in running)
-            rate = min(1.0, cores / want) if want else 1.0
+            rate = min(1.0, cores / want) / (1.0 + slowdown * (len(running) - 1)) if want else 1.0
         else:
             rate = 1.0
         next_done = min((task[3] / rate for task in running.values()), default=float("inf"))

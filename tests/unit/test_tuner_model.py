@@ -181,3 +181,32 @@ def test_measured_trace_becomes_spans_with_derived_transfers():
     assert wall == pytest.approx(0.003)
     with pytest.raises(ValueError, match="trace is empty"):
         spans_from_trace([])
+
+
+def test_interference_only_touches_ranks_that_overlap_or_crowd_the_cores():
+    profile = _synthetic_profile(cores=2)
+    base = {s: predict_local(profile, *s, 64, record=False).iteration_s for s in ((1, 1, 1, 16), (1, 1, 2, 16), (2, 2, 2, 32))}
+    profile.interference = {"overlap_slowdown": 0.5, "wakeup_latency_s": 1e-3}
+    after = {s: predict_local(profile, *s, 64, record=False).iteration_s for s in base}
+    assert after[(1, 1, 1, 16)] == pytest.approx(base[(1, 1, 1, 16)])    # the two sides take turns: nothing overlaps
+    assert after[(1, 1, 2, 16)] > base[(1, 1, 2, 16)] * 1.05                # ping-pong: both sides compute at once
+    assert after[(2, 2, 2, 32)] > base[(2, 2, 2, 32)] * 1.05
+
+
+def test_calibration_recovers_the_interference_that_made_the_runs(tmp_path):
+    truth = {"overlap_slowdown": 0.3, "wakeup_latency_s": 0.5e-3}
+    profile = _synthetic_profile(cores=2)
+    profile.interference = dict(truth)
+    shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
+    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    profile.calibrate()
+    got = profile.interference
+    assert got["runs"] == 4 and got["mean_abs_log_error"] < 0.01
+    for s, (*_, t) in zip(shapes, profile.samples["calibration"]):
+        assert predict_local(profile, *s, 64, record=False).iteration_s == pytest.approx(t, rel=0.02)
+    assert got["overlap_slowdown"] == pytest.approx(0.3, abs=0.05)
+    assert got["wakeup_latency_s"] == pytest.approx(0.5e-3, abs=0.1e-3)
+    assert any("interference: overlap slowdown" in line for line in profile.report())
+    path = tmp_path / "p.json"                                   # saved with the profile, not refitted on load
+    profile.save(str(path))
+    assert Profile.load(str(path)).interference == got
