@@ -74,7 +74,10 @@ def test_32_concurrent_streams_are_correct_and_distinct(served):
     for i, (tokens, last) in enumerate(results):
         assert tokens == reference[i].token_ids, f"stream {i}"
         assert last.usage.completion_tokens == len(tokens) and last.timing.time_to_first_token_s > 0
-    assert len({tuple(t) for t, _ in results}) == 32
+    # Distinct outputs, so that the per-stream check above would catch streams swapping their tokens.
+    # (A trained model may continue two different prompts identically: the shipped one gives 30 of 32.)
+    distinct = {tuple(r.token_ids) for r in reference[:32]}
+    assert len({tuple(t) for t, _ in results}) == len(distinct) >= 28
 
 
 def kv_used(client):
