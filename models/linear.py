@@ -25,10 +25,12 @@ import torch.nn.functional as F
 
 PREPACK_MIN_ELEMENTS = 1 << 16
 # Below this many elements in a model's largest expert matrix, extra intra-op threads only add
-# fork/join overhead (hidden-64 model: 2 threads per rank made the step 33 ms, 1 thread 20 ms).
-# Above it they pay: the shipped demo model (hidden 256), all ranks in one process, batch 64:
-# 31 ms per step on 2 threads, 45 ms on 1.
-THREADED_MIN_ELEMENTS = 1 << 16
+# fork/join overhead (hidden-64 model: 2 threads per rank made the step 33 ms, 1 thread 20 ms). The
+# shipped demo model (2^17.6 elements) stays below too: all ranks in one process it runs batch 64 in
+# 31 ms on 2 threads vs 45 on 1, but deployed (an attention and an expert rank taking turns on 2
+# cores, each OpenMP region waking sleeping threads) 1 thread per rank was as fast at batch 64
+# (61 ms either way) and faster at batch 16 (30 vs 32-39 ms).
+THREADED_MIN_ELEMENTS = 1 << 18
 
 
 def useful_threads(spec, threads: int) -> int:

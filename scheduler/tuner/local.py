@@ -18,7 +18,7 @@ from scheduler.tuner.search import InfeasibleError, Plan, SearchResult, _pingpon
 from scheduler.tuner.simulate import SimPlan, SimResult, simulate
 
 
-THREADED_MIN_ELEMENTS = 1 << 16     # models/linear.py: smaller expert matrices run one thread per rank
+THREADED_MIN_ELEMENTS = 1 << 18     # models/linear.py: smaller expert matrices run one thread per rank
 
 
 def rank_threads(cores: int, n_a: int, n_e: int, m: int, shape: ModelShape | None = None) -> int:
