@@ -18,6 +18,7 @@ works on any machine. Two sources, in this order:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -75,8 +76,14 @@ def shipped_model_dir() -> str | None:
 
 def default_model_dir() -> str:
     """The shipped checkpoint if present, else the generated fallback (made on first use, safe
-    under concurrent calls)."""
-    return shipped_model_dir() or generated_model_dir()
+    under concurrent calls), with a warning: its output is noise."""
+    shipped = shipped_model_dir()
+    if shipped:
+        return shipped
+    logging.getLogger("shuttle.models").warning(
+        "the trained demo model is missing from this install (%s): using a random-weight stand-in whose "
+        "text is noise; reinstall Shuttle or pass --model DIR", SHIPPED_DIR)
+    return generated_model_dir()
 
 
 def generated_model_dir() -> str:
