@@ -5,7 +5,7 @@ g KV heads, d head dim, S slots (= KV blocks × block size).
 
 The cache is one flat slot array per layer: slot = block_table[pos // block_size] · block_size
 + pos % block_size. Decode sequences (one new token each) are attended in one batched call over
-their gathered, padded contexts; each prefill chunk is attended on its own with a causal mask
+their contexts gathered whole blocks at a time (padded to the longest, masked); each prefill chunk is attended on its own with a causal mask
 that starts at the chunk's offset (earlier chunks are read back from the cache).
 """
 
@@ -40,8 +40,8 @@ class AttentionBatch:
     positions: torch.Tensor                # [T]
     slots: torch.Tensor                    # [T] where each new token's K/V goes
     decode_rows: torch.Tensor              # [B] token rows of decode sequences
-    decode_slots: torch.Tensor             # [B, L] context slots (padded with slot 0)
-    decode_mask: torch.Tensor              # [B, 1, 1, L] True where the key is real
+    decode_blocks: torch.Tensor            # [B, nb] KV blocks of each decode context (padded with block 0)
+    decode_mask: torch.Tensor              # [B, 1, 1, nb · block_size] True where the key is real
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row start, q len, ctx slots [C], mask [q, C])
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
 
@@ -51,31 +51,33 @@ class AttentionBatch:
         row = 0
         for c in chunks:
             n = len(c.token_ids)
-            table = torch.tensor(c.block_table, dtype=torch.long)
-            ctx_pos = torch.arange(c.context_len)
-            ctx_slots = table[ctx_pos // block_size] * block_size + ctx_pos % block_size   # [C]
-            positions.append(ctx_pos[c.start_pos:])
-            slots.append(ctx_slots[c.start_pos:])
-            if n == 1:
+            if n == 1 and c.start_pos == c.context_len - 1:     # decode: one new token; plain ints, no tensors
+                pos = c.start_pos
+                positions.append([pos])
+                slots.append([c.block_table[pos // block_size] * block_size + pos % block_size])
                 decode_rows.append(row)
-                decode_ctx.append(ctx_slots)
+                decode_ctx.append((c.block_table[:-(-c.context_len // block_size)], c.context_len))
             else:
+                table = torch.tensor(c.block_table, dtype=torch.long)
+                ctx_pos = torch.arange(c.context_len)
+                ctx_slots = table[ctx_pos // block_size] * block_size + ctx_pos % block_size   # [C]
+                positions.append(ctx_pos[c.start_pos:].tolist())
+                slots.append(ctx_slots[c.start_pos:].tolist())
                 q_pos = ctx_pos[c.start_pos:, None]
                 mask = ctx_pos[None, :] <= q_pos                                          # [q, C]
                 prefills.append((row, n, ctx_slots.to(device), mask.to(device)))
             if c.sample:
                 sample_rows.append(row + n - 1)
             row += n
-        longest = max((len(s) for s in decode_ctx), default=0)
-        dec_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long)
-        dec_mask = torch.zeros(len(decode_ctx), longest, dtype=torch.bool)
-        for i, s in enumerate(decode_ctx):
-            dec_slots[i, :len(s)] = s
-            dec_mask[i, :len(s)] = True
-        cat = (lambda xs: torch.cat(xs).to(device)) if chunks else (lambda xs: torch.empty(0, dtype=torch.long, device=device))
-        return cls(positions=cat(positions), slots=cat(slots),
+        most_blocks = max((len(b) for b, _ in decode_ctx), default=0)
+        dec_blocks = torch.tensor([list(b) + [0] * (most_blocks - len(b)) for b, _ in decode_ctx],
+                                  dtype=torch.long).view(len(decode_ctx), most_blocks)
+        dec_mask = (torch.arange(most_blocks * block_size)[None, :]
+                    < torch.tensor([n for _, n in decode_ctx], dtype=torch.long)[:, None])   # [B, nb · bs]
+        flat = lambda xs: torch.tensor([v for x in xs for v in x], dtype=torch.long, device=device)   # noqa: E731
+        return cls(positions=flat(positions), slots=flat(slots),
                    decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-                   decode_slots=dec_slots.to(device), decode_mask=dec_mask[:, None, None, :].to(device),
+                   decode_blocks=dec_blocks.to(device), decode_mask=dec_mask[:, None, None, :].to(device),
                    prefills=prefills, sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device))
 
 
@@ -110,8 +112,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     out = torch.empty_like(q)
     if batch.decode_rows.numel():
         qd = q[batch.decode_rows].unsqueeze(2)                  # [B, h, 1, d]
-        kd = cache.workspace.gather("k", k_cache, batch.decode_slots).transpose(1, 2)   # [B, g, L, d]
-        vd = cache.workspace.gather("v", v_cache, batch.decode_slots).transpose(1, 2)
+        # Whole blocks (block_size contiguous slots each), not single slots: 16× fewer rows to find.
+        B, nb = batch.decode_blocks.shape
+        by_block = (cache.num_blocks, cache.block_size) + tuple(k_cache.shape[1:])     # [blocks, bs, g, d]
+        kd = cache.workspace.gather("k", k_cache.view(by_block), batch.decode_blocks).reshape(
+            B, nb * cache.block_size, *k_cache.shape[1:]).transpose(1, 2)          # [B, g, L, d]
+        vd = cache.workspace.gather("v", v_cache.view(by_block), batch.decode_blocks).reshape(
+            B, nb * cache.block_size, *v_cache.shape[1:]).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
         out[batch.decode_rows] = od.squeeze(2)
     for start, n, ctx_slots, mask in batch.prefills:
