@@ -87,18 +87,18 @@ class _Workspace:
     output, ~0.06 ms into a reused one)."""
 
     def __init__(self):
-        self.buffers: dict = {}
+        self.buffers: dict = {}    # (which, dtype, device) → flat buffer, viewed as each gather needs
 
     def gather(self, which: str, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """cache [S, g, d] rows at slots [...] → a view [..., g, d] valid until the next gather of `which`."""
-        n = slots.numel()
+        """cache [S, ...] rows at slots [...] → a view [..., *row] valid until the next gather of `which`."""
         row = cache.shape[1:]
+        need = slots.numel() * row.numel()
         key = (which, cache.dtype, cache.device)
         buf = self.buffers.get(key)
-        if buf is None or buf.shape[0] < n or buf.shape[1:] != row:
-            buf = torch.empty((max(n, 1024),) + tuple(row), dtype=cache.dtype, device=cache.device)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(max(need, 1 << 18), dtype=cache.dtype, device=cache.device)
             self.buffers[key] = buf
-        out = buf[:n]
+        out = buf[:need].view(slots.numel(), *row)
         torch.index_select(cache, 0, slots.reshape(-1), out=out)
         return out.view(*slots.shape, *row)
 

@@ -95,7 +95,7 @@ class Layout:
 
     @property
     def row_bytes(self) -> int:
-        return self.hidden_size * torch.empty(0, dtype=self.dtype).element_size() + 2 * self.top_k * 4
+        return self.hidden_size * self.dtype.itemsize + 2 * self.top_k * 4
 
     @property
     def inline_rows(self) -> int:
@@ -110,7 +110,7 @@ class Layout:
 
     def pack(self, header: Header, payload: list[torch.Tensor], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the dispatch message, payload tensors still to send separately: [] when inline)."""
-        msg = torch.zeros(self.message_bytes, dtype=torch.uint8, device=device)
+        msg = self.empty_message(device)           # bytes past the header and payload are never read
         msg[:HEADER_LEN * 8] = header.to_tensor().to(device).view(torch.uint8)
         if header.count > self.inline_rows:
             return msg, [t.to(device) for t in payload]
