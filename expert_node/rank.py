@@ -55,9 +55,12 @@ class ExpertRank:
             counts = [h.shape[0] for h in batch.hidden]
             out = self.shard.forward(batch.layer, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
                                      torch.cat(batch.topk_weights), reverse=batch.micro_batch % 2 == 1)
+            # The span ends when the outputs exist: the combine can land before this process gets to stamp
+            # a time after sending it.
+            t_end = time.time()
             transfer.combine_launch(batch, list(out.split(counts)))
             self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
-                                         t_start, time.time()))
+                                         t_start, t_end, sum(counts)))
             self.stats["micro_batches"] += 1
             self.stats["tokens"] += sum(counts)
             self.stats["empty_messages"] += counts.count(0)

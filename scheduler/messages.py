@@ -64,6 +64,7 @@ class TraceEvent:
     phase: str         # attention: "attention", "wait", "lm_head"; expert: "expert"
     start: float
     end: float
+    tokens: int = -1   # expert spans: rows this rank computed (0: no token was routed here); -1: not counted
 
 
 @dataclass(frozen=True)

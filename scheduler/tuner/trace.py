@@ -84,8 +84,8 @@ def step_gaps(events: list, q: float = 0.5) -> dict[int, dict]:
             if (l, j) in exp:
                 dispatch.append(min(x.start for x in exp[(l, j)]) - ae.end)
                 if (a, l, j) in wait:
-                    # the round trip less the expert compute: dispatch + combine. (An expert span ends after
-                    # its combine is launched, so the combine alone cannot be read off the span ends.)
+                    # the round trip less the expert compute: dispatch + combine, halved (one message). The
+                    # two processes' clocks never meet in a difference here: both ends are the attention rank's.
                     expert = max(x.end - x.start for x in exp[(l, j)])
                     transfer.append((wait[(a, l, j)].end - ae.end - expert) / 2)
         out[step] = {

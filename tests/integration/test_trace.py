@@ -35,4 +35,5 @@ def test_traced_steps_record_attention_and_expert_spans(ray_session, tiny_model)
                 assert {e.rank for e in done} == {0, 1}          # both expert ranks saw this micro-batch
                 for e in done:
                     assert e.start >= sent.end - SLACK_S           # the experts start after the dispatch
-                    assert waited.end >= e.end - SLACK_S           # the combine ends after the experts
+                    if e.tokens:   # a rank that got no token sends no combine, so nothing waits for it
+                        assert waited.end >= e.end - SLACK_S       # the combine ends after the experts
