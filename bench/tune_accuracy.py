@@ -6,6 +6,13 @@ ranks, E expert ranks, m micro-batches, global batch B): the simulator's decode 
 profile (scheduler/tuner/local.py), then B prompts of --ctx tokens run for real and the median
 decode step is timed. Throughput = B / step time. Error = predicted / measured - 1.
 
+Speed: this VM's speed wanders by ±30% within a minute, and the profile is minutes older than any
+measurement. The machine's speed probe (scheduler/tuner/speed.py) brackets every profile sample and
+every measured shape; the profile stores times at its reference speed, and each measured round is
+put on that scale (measured step / (probe then / reference probe)) before the rounds' median is
+compared with the prediction. Both errors are printed: `raw` (the median round as measured) and
+`at ref speed`.
+
     .venv/bin/python bench/tune_accuracy.py [--shapes 1,1,1,8 1,1,2,32 ...] [--profile FILE]
 """
 
@@ -25,6 +32,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WIN
 
 from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
 from scheduler.tuner.profile import Profile  # noqa: E402
+from scheduler.tuner.speed import speed_probe  # noqa: E402
 
 # Not the profile's calibration runs (1,2,1,8, 1,1,2,16 and 2,1,1,8): every row here is predicted, not fitted.
 SHAPES = ["1,1,1,8", "1,1,1,32", "2,1,1,16", "1,1,2,32", "1,2,1,16", "1,1,3,48", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
@@ -52,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="A,E,M,B")
     ap.add_argument("--ctx", type=int, default=64, help="prompt length")
-    ap.add_argument("--steps", type=int, default=12, help="timed decode steps per shape")
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps per shape")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all shapes; each shape's median round is reported")
     ap.add_argument("--profile", default=os.path.join(ROOT, "bench", "results", "tune_profile.json"))
     ap.add_argument("--reprofile", action="store_true", help="profile again even if --profile exists")
@@ -89,23 +97,32 @@ def main() -> None:
     for r in range(args.repeats):          # rounds over all shapes: slow spells of the machine hit every shape
         for shape in shapes:
             say(f"round {r + 1}/{args.repeats}")
-            runs[shape].append(measure_decode(model_dir, *shape, args.ctx, steps=args.steps, progress=say, q=args.quantile))
+            runs[shape].append(measure_decode(model_dir, *shape, args.ctx, steps=args.steps, progress=say, q=args.quantile,
+                                              probe=speed_probe))
+            say(f"  speed probe {runs[shape][-1].speed_s * 1e3:.2f} ms "
+                f"(x{profile.speed_factor(runs[shape][-1].speed_s):.2f} of the profile's reference)")
     for (a, e, m, b) in shapes:
-        ms = sorted(runs[(a, e, m, b)], key=lambda x: x.step_s)
-        meas = ms[len(ms) // 2]                                    # the median round
+        rounds = runs[(a, e, m, b)]
+        meas = sorted(rounds, key=lambda x: x.step_s)[len(rounds) // 2]             # the median round, as measured
+        at_ref = sorted(x.step_s / profile.speed_factor(x.speed_s) for x in rounds)  # each round at the reference speed
+        ref_s = at_ref[len(at_ref) // 2]
         pred = predict_local(profile, a, e, m, b, meas.ctx)        # at the mean context of the timed steps
         rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
-                     "rounds_ms": [x.step_s * 1e3 for x in runs[(a, e, m, b)]],
+                     "rounds_ms": [x.step_s * 1e3 for x in rounds],
+                     "speed_factors": [profile.speed_factor(x.speed_s) for x in rounds],
+                     "measured_at_ref_ms": ref_s * 1e3, "rounds_at_ref_ms": [t * 1e3 for t in at_ref],
                      "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
-                     "throughput_error": meas.step_s / pred.iteration_s - 1,
+                     "throughput_error_raw": meas.step_s / pred.iteration_s - 1,
+                     "throughput_error": ref_s / pred.iteration_s - 1,
                      "step_ms_all": [t * 1e3 for t in meas.step_times]})
         rows[-1]["stages_predicted_ms"] = stage_medians(pred.spans, 0.5)
         rows[-1]["stages_measured_ms"] = stage_medians(meas.spans, 0.5)
         say("  stage medians, predicted | measured (ms): " + ", ".join(
             f"{k} {rows[-1]['stages_predicted_ms'].get(k, 0):.2f} | {v:.2f}" for k, v in rows[-1]["stages_measured_ms"].items()))
         say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
-            f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
+            f"({100 * rows[-1]['throughput_error_raw']:+.1f}% throughput), at the reference speed {ref_s * 1e3:.1f} ms "
+            f"({100 * rows[-1]['throughput_error']:+.1f}%)")
         if m >= 2 and not drawn and args.timeline:
             from shuttle.tune_timeline import draw_timeline
             draw_timeline([(f"predicted (A={a}, E={e}, m={m}, B={b})", pred.spans, pred.iteration_s),
@@ -115,15 +132,24 @@ def main() -> None:
             say(f"wrote {args.timeline}")
     print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
           f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets)")
-    print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | predicted tokens/s | measured tokens/s | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"Profile reference speed probe {profile.speed.get('reference_s', float('nan')) * 1e3:.2f} ms; "
+          "'x' = each round's probe / reference (>1: the machine was slower than while profiling)")
+    print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | raw error | speed x (rounds) "
+          "| measured at ref speed ms/step | predicted tokens/s | measured tokens/s at ref | error at ref speed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rounds = "/".join(f"{x:.0f}" for x in r["rounds_ms"])
+        speeds = "/".join(f"{x:.2f}" for x in r["speed_factors"])
         print(f"| {r['A']} | {r['E']} | {r['M']} | {r['B']} | {r['threads']} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} ({rounds}) | "
-              f"{r['predicted_tok_s']:.0f} | {r['measured_tok_s']:.0f} | {100 * (r['predicted_tok_s'] / r['measured_tok_s'] - 1):+.1f}% |")
+              f"{100 * r['throughput_error_raw']:+.1f}% | {speeds} | {r['measured_at_ref_ms']:.1f} | {r['predicted_tok_s']:.0f} | "
+              f"{r['B'] / r['measured_at_ref_ms'] * 1e3:.0f} | {100 * r['throughput_error']:+.1f}% |")
+    ok = ["{A},{E},{M},{B}".format(**r) for r in rows if abs(r["throughput_error"]) <= 0.10]
+    raw_ok = sum(abs(r["throughput_error_raw"]) <= 0.10 for r in rows)
+    print(f"\nwithin 10% at the reference speed: {len(ok)}/{len(rows)} shapes ({' '.join(ok)}); raw: {raw_ok}/{len(rows)}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": profile.machine, "model": profile.model.to_dict(), "ctx": args.ctx, "rows": rows}, f, indent=1)
+        json.dump({"machine": profile.machine, "model": profile.model.to_dict(), "ctx": args.ctx, "speed": profile.speed,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

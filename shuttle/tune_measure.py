@@ -25,6 +25,7 @@ class Measured:
     ctx: float                          # mean context of the sequences over the timed steps
     spans: list = field(default_factory=list)
     events: list = field(default_factory=list)
+    speed_s: float | None = None        # the machine's speed probe around the timed steps (scheduler/tuner/speed.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -33,7 +34,10 @@ class Measured:
 
 def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: int, steps: int = 6,
                    dtype: str = "float32", progress=lambda msg: None, threads: int = 0, q: float = 0.5,
-                   warm_s: float = 3.0, address: str | None = None) -> Measured:
+                   warm_s: float = 3.0, address: str | None = None, probe=None) -> Measured:
+    """`probe`: a callable returning the machine's speed probe in seconds (`speed_probe`); when given, it runs
+    right before and right after the timed steps (the ranks are idle then: the engine drives every step)
+    and the mean is returned as `speed_s`."""
     from cluster.deployment import Deployment
     from scheduler.engine import Engine
     from scheduler.tuner.model_shape import ModelShape
@@ -61,6 +65,7 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
             engine.step()
             if time.monotonic() - t_warm >= warm_s:
                 break
+        speed = [probe()] if probe else []
         t_start = time.time()
         engine.record_trace = True
         times, contexts = [], []
@@ -70,6 +75,8 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
             engine.step()
             times.append(time.perf_counter() - t0)
         engine.record_trace = False
+        if probe:
+            speed.append(probe())
         events = engine.trace + dep.expert_trace(since=t_start)
         engine.trace = []
     finally:
@@ -79,4 +86,5 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
     pick = min(range(len(times)), key=lambda i: abs(times[i] - median))
     spans, _ = spans_from_trace(events, traced_steps[pick] if pick < len(traced_steps) else None)
     progress(f"measured {median * 1e3:.1f} ms per decode step ({batch / median:.1f} tokens/s)")
-    return Measured(batch, median, times, sum(contexts) / len(contexts), spans, events)
+    return Measured(batch, median, times, sum(contexts) / len(contexts), spans, events,
+                    sum(speed) / len(speed) if speed else None)

@@ -8,6 +8,8 @@ configuration runs first and is discarded (the first steps of a fresh deployment
 Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16 and 2,1,1,8)
 decode for real, and their step times calibrate the simulator's interference terms: what the
 turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting for a core).
+Every measurement is bracketed by the machine's speed probe (scheduler/tuner/speed.py), and at the end
+every sample is rescaled to the profile's reference speed, so a slow spell mid-profile does not bend a fit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from scheduler.request import SamplingParams
 from scheduler.tuner.costs import token_bytes
 from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
+from scheduler.tuner.speed import speed_probe
 from scheduler.tuner.trace import quantile, step_gaps
 
 
@@ -50,6 +53,7 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
     shape = ModelShape.from_model_dir(model_dir)
     profile = Profile(shape, dtype, cores, machine_name())
     tb = token_bytes(shape, profile.dtype_bytes)
+    stamps: list = []          # (speed probe, samples it stamps): every sample is rescaled to one speed at the end
     total = len(threads) * len(batches) * len(contexts)
     done = 0
     for t in threads:
@@ -67,7 +71,7 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
             _measure(engine, dep, shape, Profile(shape, dtype, cores, ""), "warm", max(batches), max(contexts), 2, tb, quantile)
             for ctx in contexts:
                 for b in batches:
-                    _measure(engine, dep, shape, profile, key, b, ctx, steps, tb, quantile)
+                    stamps.append(_measure(engine, dep, shape, profile, key, b, ctx, steps, tb, quantile))
                     done += 1
                     a = profile.samples["attention"][key][-1]
                     e = profile.samples["expert"][key][-1]
@@ -75,20 +79,25 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
                              f"T_e {e[2] * 1e3:.2f} ms ({e[1]:.1f} experts hit), T_c {profile.samples['transfer'][-1][1] * 1e3:.2f} ms")
         finally:
             dep.shutdown()
-    profile.fit()
     from shuttle.tune_measure import measure_decode
     for i, (a, e, m, b) in enumerate(calibration):
         if e > shape.num_experts:
             progress(f"[calibration {i + 1}/{len(calibration)}] skipped: {e} expert ranks > {shape.num_experts} experts")
             continue
         progress(f"[calibration {i + 1}/{len(calibration)}] A={a} E={e} m={m} B={b}: running it whole")
-        meas = measure_decode(model_dir, a, e, m, b, calibration_ctx, steps=12, dtype=dtype, q=quantile, address=address)
+        meas = measure_decode(model_dir, a, e, m, b, calibration_ctx, steps=12, dtype=dtype, q=quantile, address=address,
+                              probe=speed_probe)
         profile.samples["calibration"].append([a, e, m, b, meas.ctx, meas.step_s])
-    return profile.calibrate()
+        stamps.append((meas.speed_s, [("calibration", None, len(profile.samples["calibration"]) - 1)]))
+    profile.rescale_to_reference(stamps)
+    progress(f"machine speed while profiling: probe {profile.speed['range_s'][0] * 1e3:.2f}-"
+             f"{profile.speed['range_s'][1] * 1e3:.2f} ms; samples rescaled to {profile.speed['reference_s'] * 1e3:.2f} ms")
+    return profile.fit().calibrate()
 
 
 def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int, ctx: int, steps: int, tb: float,
-             q: float = 0.5) -> None:
+             q: float = 0.5) -> tuple[float, list[tuple]]:
+    """Measure b sequences at context ctx; returns (the speed probe around the timed steps, the samples added)."""
     for bucket in ("attention", "expert", "head"):
         profile.samples[bucket].setdefault(key, [])
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
@@ -97,6 +106,7 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
         engine.step()                                     # prefill (maybe chunked) until all decode
     engine.step()                                         # one untraced decode step: warm
     before = dep.health()[1]
+    probes = [speed_probe()]          # the ranks are idle between steps: the engine drives each one
     t_start = time.time()
     engine.record_trace = True
     walls, ctxs = [], []
@@ -106,6 +116,7 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
         engine.step()
         walls.append(time.perf_counter() - t0)
     engine.record_trace = False
+    probes.append(speed_probe())
     after = dep.health()[1]
     events = engine.trace + dep.expert_trace(since=t_start)
     engine.trace = []
@@ -125,6 +136,9 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
         engine.abort(i)
     while engine.has_work():
         engine.step()
+    added = [(bucket, key, len(profile.samples[bucket][key]) - 1) for bucket in ("attention", "expert", "head")]
+    added += [(bucket, None, len(profile.samples[bucket]) - 1) for bucket in ("transfer", "overhead")]
+    return sum(probes) / len(probes), added
 
 
 def _running(engine) -> list:

@@ -46,6 +46,9 @@ class Profile:
                                                    "calibration": []})
     fits: dict = field(default_factory=dict)
     interference: dict = field(default_factory=lambda: {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0})
+    # {"reference_s", "probes", "range_s"} when every sample was stamped with the machine's speed probe
+    # (scheduler/tuner/speed.py) and rescaled to the reference (median) probe; empty for older profiles
+    speed: dict = field(default_factory=dict)
 
     @property
     def dtype_bytes(self) -> int:
@@ -82,6 +85,32 @@ class Profile:
                              overlap_slowdown=self.interference["overlap_slowdown"],
                              wakeup_latency_s=self.interference["wakeup_latency_s"])
 
+    def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]]) -> "Profile":
+        """`stamps`: per measurement, (speed probe seconds, [(bucket, threads key or None, sample index), ...]).
+
+        Rewrites those samples' seconds to what they would have been at the reference speed (the median
+        probe), so samples taken in a slow spell and in a fast one land on one scale."""
+        if not stamps:
+            return self
+        probes = sorted(p for p, _ in stamps)
+        if probes[0] <= 0:
+            raise ValueError(f"speed probes must be positive seconds, got {probes[0]}")
+        ref = probes[len(probes) // 2]
+        for p, where in stamps:
+            for bucket, key, i in where:
+                rows = self.samples[bucket] if key is None else self.samples[bucket][key]
+                row = list(rows[i])
+                row[-1] *= ref / p
+                rows[i] = row
+        self.speed = {"reference_s": ref, "probes": len(probes), "range_s": [probes[0], probes[-1]]}
+        return self
+
+    def speed_factor(self, probe_s: float | None) -> float:
+        """How much slower than the profile's reference the machine was when `probe_s` was measured
+        (1.0 when either side has no probe)."""
+        ref = self.speed.get("reference_s")
+        return probe_s / ref if ref and probe_s else 1.0
+
     def calibrate(self) -> "Profile":
         """Fit the interference terms to the calibration runs (no runs: both stay 0)."""
         runs = self.samples.get("calibration") or []
@@ -114,6 +143,10 @@ class Profile:
         for what, label in (("transfer", "T_c"), ("overhead", "step overhead")):
             f = self.fits[what]
             lines.append(f"  {label:13s} = {f.formula(1e-6, 'µs'):36s} {f.quality()}")
+        if self.speed:
+            lo, hi = self.speed["range_s"]
+            lines.append(f"  speed: times at the reference probe {self.speed['reference_s'] * 1e3:.2f} ms (median of "
+                         f"{self.speed['probes']} probes, {lo * 1e3:.2f}-{hi * 1e3:.2f} ms while profiling)")
         i = self.interference
         if i.get("runs"):
             lines.append(f"  interference: overlap slowdown {i['overlap_slowdown']:.2f} per extra running rank, wake-up "
@@ -128,7 +161,8 @@ class Profile:
     def to_dict(self) -> dict:
         fits = {k: ({t: f.to_dict() for t, f in v.items()} if isinstance(v, dict) else v.to_dict()) for k, v in self.fits.items()}
         return {"format": FORMAT, "model": self.model.to_dict(), "dtype": self.dtype, "cores": self.cores,
-                "machine": self.machine, "samples": self.samples, "fits": fits, "interference": self.interference}
+                "machine": self.machine, "samples": self.samples, "fits": fits, "interference": self.interference,
+                "speed": self.speed}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -147,6 +181,7 @@ class Profile:
             raise ValueError(f"profile {path!r} is not a {FORMAT} file (make one with `shuttle tune profile`)")
         samples = {"calibration": [], **d["samples"]}
         p = cls(ModelShape.from_dict(d["model"]), d["dtype"], d["cores"], d["machine"], samples).fit()
+        p.speed = d.get("speed") or {}
         if d.get("interference"):
             p.interference = d["interference"]
         elif samples["calibration"]:

@@ -210,3 +210,41 @@ def test_calibration_recovers_the_interference_that_made_the_runs(tmp_path):
     path = tmp_path / "p.json"                                   # saved with the profile, not refitted on load
     profile.save(str(path))
     assert Profile.load(str(path)).interference == got
+
+
+def test_samples_taken_in_a_slow_spell_are_rescaled_to_the_reference_speed(tmp_path):
+    clean = _synthetic_profile()
+    noisy = _synthetic_profile()
+    # The machine ran at half speed while three attention samples were taken (their probe took twice as
+    # long, their stage times too), and at the usual speed for the rest.
+    slow = [0, 3, 5]
+    key = "1"
+    for i in slow:
+        b, c, y = noisy.samples["attention"][key][i]
+        noisy.samples["attention"][key][i] = (b, c, 2 * y)
+    stamps = [(16e-3 if i in slow else 8e-3, [("attention", key, i)]) for i in range(len(noisy.samples["attention"][key]))]
+    stamps.append((8e-3, [("transfer", None, 0), ("overhead", None, 0)]))
+    noisy.rescale_to_reference(stamps).fit()
+    assert noisy.speed == {"reference_s": 8e-3, "probes": 9, "range_s": [8e-3, 16e-3]}
+    for (b, c, y), (_, _, want) in zip(noisy.samples["attention"][key], clean.samples["attention"][key]):
+        assert y == pytest.approx(want)
+    assert noisy.costs(1).attention(8, 100) == pytest.approx(clean.costs(1).attention(8, 100))
+    assert noisy.speed_factor(12e-3) == pytest.approx(1.5) and noisy.speed_factor(None) == 1.0
+    assert clean.speed_factor(12e-3) == 1.0                        # a profile without probes: no rescaling
+    assert any("reference probe 8.00 ms" in line for line in noisy.report())
+    path = tmp_path / "p.json"
+    noisy.save(str(path))
+    assert Profile.load(str(path)).speed == noisy.speed
+    with pytest.raises(ValueError, match="positive"):
+        clean.rescale_to_reference([(0.0, [("attention", key, 0)])])
+
+
+def test_speed_probe_times_its_fixed_workload():
+    from scheduler.tuner.speed import speed_probe
+    import torch
+    threads = torch.get_num_threads()
+    t = speed_probe(repeats=3)
+    assert 1e-5 < t < 1.0
+    assert torch.get_num_threads() == threads                      # restored
+    with pytest.raises(ValueError, match="repeats"):
+        speed_probe(repeats=0)
