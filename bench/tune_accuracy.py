@@ -34,7 +34,7 @@ from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
 from scheduler.tuner.profile import Profile  # noqa: E402
 from scheduler.tuner.speed import speed_probe  # noqa: E402
 
-# Not the profile's calibration runs (1,2,1,8, 1,1,2,16 and 2,1,1,8): every row here is predicted, not fitted.
+# Not the profile's calibration runs (1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16): every row here is predicted, not fitted.
 SHAPES = ["1,1,1,8", "1,1,1,32", "2,1,1,16", "1,1,2,32", "1,2,1,16", "1,1,3,48", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
 
 

@@ -57,8 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
     pr.add_argument("--quantile", type=float, default=0.5,
                     help="quantile of span and step times per sample (0.5: medians; 0.25 filters other jobs on a shared machine)")
-    pr.add_argument("--calibrate", type=_shape, nargs="*", default=[(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8)], metavar="A,E,M,B",
-                    help="multi-rank deployments run whole to calibrate the interference terms (default: 1,2,1,8 1,1,2,16 2,1,1,8; "
+    pr.add_argument("--calibrate", type=_shape, nargs="*", default=[(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (1, 2, 2, 16)], metavar="A,E,M,B",
+                    help="multi-rank deployments run whole to calibrate the interference terms (default: 1,2,1,8 1,1,2,16 2,1,1,8 1,2,2,16; "
                          "none: --calibrate with no value)")
     pr.add_argument("--out", default="profile.json")
     pr.set_defaults(func=cmd_profile)

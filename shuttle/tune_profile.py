@@ -5,7 +5,7 @@ turns and every span is measured alone) decodes batches of b sequences at a few 
 with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and combine transfer
 gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks. A warm-up
 configuration runs first and is discarded (the first steps of a fresh deployment are slower).
-Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16 and 2,1,1,8)
+Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16)
 decode for real, and their step times calibrate the simulator's interference terms: what the
 turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting for a core).
 Every measurement is bracketed by the machine's speed probe (scheduler/tuner/speed.py), and at the end
@@ -24,7 +24,7 @@ from scheduler.request import SamplingParams
 from scheduler.tuner.costs import token_bytes
 from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
-from scheduler.tuner.speed import speed_probe
+from scheduler.tuner.speed import concurrent_slowdown, speed_probe
 from scheduler.tuner.trace import quantile, step_gaps
 
 
@@ -41,7 +41,7 @@ def machine_name() -> str:
 def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | None = None,
                 batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64), contexts: tuple[int, ...] = (16, 128),
                 steps: int = 6, progress=print, address: str | None = None, quantile: float = 0.5,
-                calibration: tuple = ((1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8)), calibration_ctx: int = 64) -> Profile:
+                calibration: tuple = ((1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (1, 2, 2, 16)), calibration_ctx: int = 64) -> Profile:
     """`quantile` of the span durations and step times taken as each sample (0.5: medians; lower
     values filter other jobs' interference on a shared machine). `calibration`: (A, E, M, B)
     deployments run whole afterwards, to calibrate the interference terms (see profile.py)."""
@@ -89,6 +89,11 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
                               probe=speed_probe)
         profile.samples["calibration"].append([a, e, m, b, meas.ctx, meas.step_s])
         stamps.append((meas.speed_s, [("calibration", None, len(profile.samples["calibration"]) - 1)]))
+    if cores >= 2:
+        k = min(cores, 4)
+        progress(f"[contention] the speed probe alone and in {k} processes at once")
+        profile.samples["contention"] = concurrent_slowdown(k)
+        progress(f"[contention] slowdown {profile.samples['contention']['slowdown']:.2f} per extra rank computing at once")
     profile.rescale_to_reference(stamps)
     progress(f"machine speed while profiling: probe {profile.speed['range_s'][0] * 1e3:.2f}-"
              f"{profile.speed['range_s'][1] * 1e3:.2f} ms; samples rescaled to {profile.speed['reference_s'] * 1e3:.2f} ms")

@@ -92,18 +92,20 @@ class ProfiledCosts(StageCosts):
     shared_host_cores: int | None = None
     overlap_slowdown: float = 0.0
     wakeup_latency_s: float = 0.0
+    # compute spans in a whole deployment / the same spans in the profile's turn-taking one (calibrated)
+    compute_scale: float = 1.0
 
     def attention(self, b: float, ctx: float) -> float:
-        return self.attention_fit({"1": 1.0, "b": b, "b*ctx": b * ctx}) if b > 0 else 0.0
+        return self.compute_scale * self.attention_fit({"1": 1.0, "b": b, "b*ctx": b * ctx}) if b > 0 else 0.0
 
     def expert(self, pairs: float, hits: float) -> float:
-        return self.expert_fit({"1": 1.0, "pairs": pairs, "hits": hits}) if pairs > 0 else 0.0
+        return self.compute_scale * self.expert_fit({"1": 1.0, "pairs": pairs, "hits": hits}) if pairs > 0 else 0.0
 
     def transfer(self, nbytes: float) -> float:
         return self.transfer_fit({"1": 1.0, "bytes": nbytes})
 
     def head(self, b: float) -> float:
-        return self.head_fit({"1": 1.0, "b": b}) if b > 0 else 0.0
+        return self.compute_scale * self.head_fit({"1": 1.0, "b": b}) if b > 0 else 0.0
 
     def overhead(self, batch: float) -> float:
         return self.overhead_fit({"1": 1.0, "B": batch})

@@ -7,11 +7,14 @@ Samples (one per measured configuration, each a median over layers and steps):
     transfer:           (bytes, seconds)         T_c, one message (dispatch and combine gaps)
     overhead:           (B, seconds)             step wall time outside the ranks' spans (control plane)
     calibration:        (n_a, n_e, m, B, ctx, s) decode step time of whole multi-rank deployments
+    contention:         {"alone_s", "together_s", "slowdown"} the speed probe alone and in k processes at once
 
 The stage samples come from a deployment whose two ranks take turns, so they cannot show what
 happens when ranks on one host run at once or hear from several peers. `calibrate()` fits the
 two interference terms of the simulator (`overlap_slowdown`, `wakeup_latency_s`, see simulate.py) to
-the calibration runs: a grid search for the pair whose simulated step times best match them.
+the calibration runs. When the profile measured the contention directly (`contention`), the slowdown
+is taken from it and only the wake-up latency is searched; otherwise a grid search for the pair
+whose simulated step times best match the runs.
 
 Candidate forms (the fit keeps the one with the lowest leave-one-out error, see `fit.py`):
     T_a = k1·b + k2 (MegaScale-Infer) | + k3·b·ctx (KV reads)   T_e = k3·pairs + k4 | + k5·hits (weight reads)
@@ -83,7 +86,8 @@ class Profile:
         return ProfiledCosts(self.fits["attention"][key], self.fits["expert"][key], self.fits["transfer"],
                              self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores,
                              overlap_slowdown=self.interference["overlap_slowdown"],
-                             wakeup_latency_s=self.interference["wakeup_latency_s"])
+                             wakeup_latency_s=self.interference["wakeup_latency_s"],
+                             compute_scale=self.interference.get("compute_scale", 1.0))
 
     def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]]) -> "Profile":
         """`stamps`: per measurement, (speed probe seconds, [(bucket, threads key or None, sample index), ...]).
@@ -119,18 +123,31 @@ class Profile:
             return self
         from scheduler.tuner.local import predict_local   # local.py imports this module
 
-        def error(s: float, d: float) -> float:
-            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d}
+        def error(s: float, d: float, c: float = 1.0) -> float:
+            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c}
             return sum(abs(math.log(predict_local(self, a, e, m, b, ctx, record=False).iteration_s / t))
                        for a, e, m, b, ctx, t in runs) / len(runs)
 
-        # coarse grid, then a finer one around its best point
-        grid = [(s / 10, d * 0.25e-3) for s in range(16) for d in range(13)]
-        best = min(grid, key=lambda sd: error(*sd))
-        fine = [(max(0.0, best[0] + i * 0.02), max(0.0, best[1] + j * 0.05e-3)) for i in range(-5, 6) for j in range(-5, 6)]
-        s, d = min(fine, key=lambda sd: error(*sd))
-        err = error(s, d)
-        self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "mean_abs_log_error": err, "runs": len(runs)}
+        contention = self.samples.get("contention") or {}
+        c = 1.0
+        if "slowdown" in contention:
+            # The slowdown was measured directly (speed.concurrent_slowdown). Left to the step times: the
+            # wake-up latency, and how much slower compute spans run in a whole deployment than in the
+            # profile's turn-taking one. (Fitting slowdown and latency to three step times instead traded
+            # one for the other: a run gave slowdown 1.04 while the spans at m >= 2 were no slower than alone.)
+            s = contention["slowdown"]
+            # latency outer, ascending: where the runs cannot tell latencies apart, the smallest wins
+            grid = [(j * 0.1e-3, k / 50) for j in range(31) for k in range(35, 81)]
+            d, c = min(grid, key=lambda dc: error(s, *dc))
+        else:
+            # coarse grid, then a finer one around its best point
+            grid = [(s / 10, d * 0.25e-3) for s in range(16) for d in range(13)]
+            best = min(grid, key=lambda sd: error(*sd))
+            fine = [(max(0.0, best[0] + i * 0.02), max(0.0, best[1] + j * 0.05e-3)) for i in range(-5, 6) for j in range(-5, 6)]
+            s, d = min(fine, key=lambda sd: error(*sd))
+        err = error(s, d, c)
+        self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "mean_abs_log_error": err,
+                             "runs": len(runs), "slowdown_measured": "slowdown" in contention}
         return self
 
     def report(self) -> list[str]:
@@ -149,7 +166,9 @@ class Profile:
                          f"{self.speed['probes']} probes, {lo * 1e3:.2f}-{hi * 1e3:.2f} ms while profiling)")
         i = self.interference
         if i.get("runs"):
-            lines.append(f"  interference: overlap slowdown {i['overlap_slowdown']:.2f} per extra running rank, wake-up "
+            how = "measured" if i.get("slowdown_measured") else "fitted"
+            lines.append(f"  interference: compute spans x{i.get('compute_scale', 1.0):.2f} in whole deployments, "
+                         f"overlap slowdown {i['overlap_slowdown']:.2f} ({how}) per extra running rank, wake-up "
                          f"latency {i['wakeup_latency_s'] * 1e3:.2f} ms for a message sent while every core computes (calibrated on {i['runs']} "
                          f"multi-rank runs, mean error {100 * (math.exp(i['mean_abs_log_error']) - 1):.1f}%)")
         else:

@@ -206,7 +206,7 @@ def test_calibration_recovers_the_interference_that_made_the_runs(tmp_path):
         assert predict_local(profile, *s, 64, record=False).iteration_s == pytest.approx(t, rel=0.02)
     assert got["overlap_slowdown"] == pytest.approx(0.3, abs=0.05)
     assert got["wakeup_latency_s"] == pytest.approx(0.5e-3, abs=0.1e-3)
-    assert any("interference: overlap slowdown" in line for line in profile.report())
+    assert any("interference: compute spans x1.00" in line and "overlap slowdown 0.30 (fitted)" in line for line in profile.report())
     path = tmp_path / "p.json"                                   # saved with the profile, not refitted on load
     profile.save(str(path))
     assert Profile.load(str(path)).interference == got
@@ -248,3 +248,18 @@ def test_speed_probe_times_its_fixed_workload():
     assert torch.get_num_threads() == threads                      # restored
     with pytest.raises(ValueError, match="repeats"):
         speed_probe(repeats=0)
+
+
+def test_a_measured_contention_fixes_the_slowdown_and_calibration_fits_the_wakeup():
+    truth = {"overlap_slowdown": 0.25, "wakeup_latency_s": 1.2e-3, "compute_scale": 1.3}
+    profile = _synthetic_profile(cores=2)
+    profile.interference = dict(truth)
+    shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
+    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    profile.samples["contention"] = {"alone_s": 8e-3, "together_s": 10e-3, "slowdown": 0.25}
+    profile.calibrate()
+    got = profile.interference
+    assert got["overlap_slowdown"] == 0.25 and got["slowdown_measured"]
+    assert got["wakeup_latency_s"] == pytest.approx(1.2e-3, abs=0.05e-3)
+    assert got["compute_scale"] == pytest.approx(1.3) and got["mean_abs_log_error"] < 1e-9
+    assert any("0.25 (measured)" in line and "x1.30" in line for line in profile.report())
