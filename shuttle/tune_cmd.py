@@ -57,6 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--address", default=None, help="join this Ray cluster (default: a private local Ray)")
     pr.add_argument("--quantile", type=float, default=0.5,
                     help="quantile of span and step times per sample (0.5: medians; 0.25 filters other jobs on a shared machine)")
+    pr.add_argument("--rescale-speed", action="store_true",
+                    help="rescale every sample to the machine's median speed probe (for VMs whose speed drifts; see docs/tuning.md)")
     pr.add_argument("--calibrate", type=_shape, nargs="*", default=[(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (1, 2, 2, 16)], metavar="A,E,M,B",
                     help="multi-rank deployments run whole to calibrate the interference terms (default: 1,2,1,8 1,1,2,16 2,1,1,8 1,2,2,16; "
                          "none: --calibrate with no value)")
@@ -111,7 +113,7 @@ def cmd_profile(args) -> int:
     from shuttle.tune_profile import run_profile
     profile = run_profile(args.model, args.dtype, list(args.threads) if args.threads else None, tuple(args.batches),
                           tuple(args.contexts), args.steps, progress=say, address=args.address,
-                          quantile=args.quantile, calibration=tuple(args.calibrate))
+                          quantile=args.quantile, calibration=tuple(args.calibrate), rescale_speed=args.rescale_speed)
     profile.save(args.out)
     print("\n".join(profile.report()))
     say(f"wrote {args.out}")

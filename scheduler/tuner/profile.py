@@ -87,26 +87,26 @@ class Profile:
                              self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores,
                              overlap_slowdown=self.interference["overlap_slowdown"],
                              wakeup_latency_s=self.interference["wakeup_latency_s"],
-                             compute_scale=self.interference.get("compute_scale", 1.0))
+                             compute_scale=self._compute_scale(t))
 
-    def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]]) -> "Profile":
+    def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]], apply: bool = True) -> "Profile":
         """`stamps`: per measurement, (speed probe seconds, [(bucket, threads key or None, sample index), ...]).
 
-        Rewrites those samples' seconds to what they would have been at the reference speed (the median
-        probe), so samples taken in a slow spell and in a fast one land on one scale."""
+        Records the reference speed (the median probe); with `apply`, rewrites those samples' seconds to what
+        they would have been at that speed, so samples taken in a slow spell and in a fast one land on one scale."""
         if not stamps:
             return self
         probes = sorted(p for p, _ in stamps)
         if probes[0] <= 0:
             raise ValueError(f"speed probes must be positive seconds, got {probes[0]}")
         ref = probes[len(probes) // 2]
-        for p, where in stamps:
+        for p, where in stamps if apply else []:
             for bucket, key, i in where:
                 rows = self.samples[bucket] if key is None else self.samples[bucket][key]
                 row = list(rows[i])
                 row[-1] *= ref / p
                 rows[i] = row
-        self.speed = {"reference_s": ref, "probes": len(probes), "range_s": [probes[0], probes[-1]]}
+        self.speed = {"reference_s": ref, "probes": len(probes), "range_s": [probes[0], probes[-1]], "rescaled": apply}
         return self
 
     def speed_factor(self, probe_s: float | None) -> float:
@@ -115,16 +115,25 @@ class Profile:
         ref = self.speed.get("reference_s")
         return probe_s / ref if ref and probe_s else 1.0
 
+    def _compute_scale(self, threads: int) -> float:
+        """The calibrated compute scale, for the thread counts the calibration runs used (1.0 for the others:
+        nothing measured them in a whole deployment)."""
+        i = self.interference
+        used = i.get("compute_scale_threads")
+        return i.get("compute_scale", 1.0) if used is None or threads in used else 1.0
+
     def calibrate(self) -> "Profile":
         """Fit the interference terms to the calibration runs (no runs: both stay 0)."""
         runs = self.samples.get("calibration") or []
         if not runs:
             self.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0}
             return self
-        from scheduler.tuner.local import predict_local   # local.py imports this module
+        from scheduler.tuner.local import predict_local, rank_threads   # local.py imports this module
+        used = sorted({max([x for x in self.threads if x <= t] or [min(self.threads)])
+                       for t in (rank_threads(self.cores, a, e, m, self.model) for a, e, m, *_ in runs)})
 
         def error(s: float, d: float, c: float = 1.0) -> float:
-            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c}
+            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used}
             return sum(abs(math.log(predict_local(self, a, e, m, b, ctx, record=False).iteration_s / t))
                        for a, e, m, b, ctx, t in runs) / len(runs)
 
@@ -136,9 +145,12 @@ class Profile:
             # profile's turn-taking one. (Fitting slowdown and latency to three step times instead traded
             # one for the other: a run gave slowdown 1.04 while the spans at m >= 2 were no slower than alone.)
             s = contention["slowdown"]
-            # latency outer, ascending: where the runs cannot tell latencies apart, the smallest wins
-            grid = [(j * 0.1e-3, k / 50) for j in range(31) for k in range(35, 81)]
-            d, c = min(grid, key=lambda dc: error(s, *dc))
+            # coarse grid, then a finer one around its best point; latency outer and ascending, so that
+            # where the runs cannot tell latencies apart the smallest wins
+            grid = [(j * 0.5e-3, k / 10) for j in range(13) for k in range(7, 17)]
+            d0, c0 = min(grid, key=lambda dc: error(s, *dc))
+            fine = [(max(0.0, d0 + j * 0.1e-3), c0 + k * 0.02) for j in range(-5, 6) for k in range(-5, 6)]
+            d, c = min(fine, key=lambda dc: error(s, *dc))
         else:
             # coarse grid, then a finer one around its best point
             grid = [(s / 10, d * 0.25e-3) for s in range(16) for d in range(13)]
@@ -146,7 +158,8 @@ class Profile:
             fine = [(max(0.0, best[0] + i * 0.02), max(0.0, best[1] + j * 0.05e-3)) for i in range(-5, 6) for j in range(-5, 6)]
             s, d = min(fine, key=lambda sd: error(*sd))
         err = error(s, d, c)
-        self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "mean_abs_log_error": err,
+        self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used,
+                             "mean_abs_log_error": err,
                              "runs": len(runs), "slowdown_measured": "slowdown" in contention}
         return self
 
@@ -162,12 +175,14 @@ class Profile:
             lines.append(f"  {label:13s} = {f.formula(1e-6, 'µs'):36s} {f.quality()}")
         if self.speed:
             lo, hi = self.speed["range_s"]
-            lines.append(f"  speed: times at the reference probe {self.speed['reference_s'] * 1e3:.2f} ms (median of "
+            what = "times at the reference probe" if self.speed.get("rescaled", True) else "reference probe (times as measured)"
+            lines.append(f"  speed: {what} {self.speed['reference_s'] * 1e3:.2f} ms (median of "
                          f"{self.speed['probes']} probes, {lo * 1e3:.2f}-{hi * 1e3:.2f} ms while profiling)")
         i = self.interference
         if i.get("runs"):
             how = "measured" if i.get("slowdown_measured") else "fitted"
-            lines.append(f"  interference: compute spans x{i.get('compute_scale', 1.0):.2f} in whole deployments, "
+            at = "/".join(str(t) for t in i.get("compute_scale_threads") or self.threads)
+            lines.append(f"  interference: compute spans x{i.get('compute_scale', 1.0):.2f} in whole deployments at {at} thread(s), "
                          f"overlap slowdown {i['overlap_slowdown']:.2f} ({how}) per extra running rank, wake-up "
                          f"latency {i['wakeup_latency_s'] * 1e3:.2f} ms for a message sent while every core computes (calibrated on {i['runs']} "
                          f"multi-rank runs, mean error {100 * (math.exp(i['mean_abs_log_error']) - 1):.1f}%)")

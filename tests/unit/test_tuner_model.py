@@ -225,7 +225,7 @@ def test_samples_taken_in_a_slow_spell_are_rescaled_to_the_reference_speed(tmp_p
     stamps = [(16e-3 if i in slow else 8e-3, [("attention", key, i)]) for i in range(len(noisy.samples["attention"][key]))]
     stamps.append((8e-3, [("transfer", None, 0), ("overhead", None, 0)]))
     noisy.rescale_to_reference(stamps).fit()
-    assert noisy.speed == {"reference_s": 8e-3, "probes": 9, "range_s": [8e-3, 16e-3]}
+    assert noisy.speed == {"reference_s": 8e-3, "probes": 9, "range_s": [8e-3, 16e-3], "rescaled": True}
     for (b, c, y), (_, _, want) in zip(noisy.samples["attention"][key], clean.samples["attention"][key]):
         assert y == pytest.approx(want)
     assert noisy.costs(1).attention(8, 100) == pytest.approx(clean.costs(1).attention(8, 100))
@@ -237,6 +237,9 @@ def test_samples_taken_in_a_slow_spell_are_rescaled_to_the_reference_speed(tmp_p
     assert Profile.load(str(path)).speed == noisy.speed
     with pytest.raises(ValueError, match="positive"):
         clean.rescale_to_reference([(0.0, [("attention", key, 0)])])
+    recorded = _synthetic_profile().rescale_to_reference(stamps, apply=False)     # record the speed, keep the times
+    assert recorded.samples["attention"][key] == _synthetic_profile().samples["attention"][key]
+    assert recorded.speed["reference_s"] == 8e-3 and not recorded.speed["rescaled"]
 
 
 def test_speed_probe_times_its_fixed_workload():
