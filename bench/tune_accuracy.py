@@ -6,12 +6,11 @@ ranks, E expert ranks, m micro-batches, global batch B): the simulator's decode 
 profile (scheduler/tuner/local.py), then B prompts of --ctx tokens run for real and the median
 decode step is timed. Throughput = B / step time. Error = predicted / measured - 1.
 
-Speed: this VM's speed wanders by ±30% within a minute, and the profile is minutes older than any
-measurement. The machine's speed probe (scheduler/tuner/speed.py) brackets every profile sample and
-every measured shape and is printed with each round (x = probe / the profile's median probe); put on
-that scale (measured step / x), the rounds' median is also
-compared with the prediction. The error is that of the median round as measured; the error `at ref
-speed` is printed beside it (two runs on the 2-core VM came out no better with it).
+Rounds: this VM's speed wanders by tens of percent over seconds to minutes. With --reprofile (or
+no saved profile) every round is a profile pass followed by every shape once, so the profile and the
+measurements see the same spells; the profile is the median of its passes (`Profile.merge`), each
+shape's measurement its median round. The machine's speed probe (scheduler/tuner/speed.py) is
+printed with every round, to show the drift.
 
     .venv/bin/python bench/tune_accuracy.py [--shapes 1,1,1,8 1,1,2,32 ...] [--profile FILE]
 """
@@ -80,49 +79,50 @@ def main() -> None:
     from cluster.ray_env import start_ray
     start_ray()
     time.sleep(args.settle_s)
-    if args.reprofile or not os.path.isfile(args.profile):
-        from shuttle.tune_profile import run_profile
-        t0 = time.time()
-        profile = run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=6, progress=say,
-                              quantile=args.quantile)
-        profile.save(args.profile)
-        say(f"profiled in {time.time() - t0:.0f}s")
-    profile = Profile.load(args.profile)
-    print("\n".join(profile.report()), file=sys.stderr)
-
     from shuttle.tune_measure import measure_decode
-    rows, drawn = [], False
+    from shuttle.tune_profile import run_profile
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shapes]
     runs: dict[tuple, list] = {shape: [] for shape in shapes}
-    for r in range(args.repeats):          # rounds over all shapes: slow spells of the machine hit every shape
+    reprofile = args.reprofile or not os.path.isfile(args.profile)
+    passes = []
+    t0 = time.time()
+    # Rounds: (a profile pass, then every shape) × repeats. This VM's speed wanders by tens of percent
+    # over seconds to minutes; interleaved, the profile and the shapes see the same spells, and each
+    # side's median over the rounds is compared.
+    for r in range(args.repeats):
+        if reprofile:
+            say(f"round {r + 1}/{args.repeats}: profile pass")
+            passes.append(run_profile(model_dir, "float32", batches=(1, 2, 4, 8, 16, 32, 64), contexts=(16, 128), steps=6,
+                                      progress=say, quantile=args.quantile))
         for shape in shapes:
             say(f"round {r + 1}/{args.repeats}")
             runs[shape].append(measure_decode(model_dir, *shape, args.ctx, steps=args.steps, progress=say, q=args.quantile,
                                               probe=speed_probe))
-            say(f"  speed probe {runs[shape][-1].speed_s * 1e3:.2f} ms "
-                f"(x{profile.speed_factor(runs[shape][-1].speed_s):.2f} of the profile's reference)")
+            say(f"  speed probe {runs[shape][-1].speed_s * 1e3:.2f} ms")
+    if reprofile:
+        profile = Profile.merge(passes).fit().calibrate()
+        profile.save(args.profile)
+    profile = Profile.load(args.profile)
+    say(f"{args.repeats} rounds in {time.time() - t0:.0f}s")
+    print("\n".join(profile.report()), file=sys.stderr)
+    rows, drawn = [], False
     for (a, e, m, b) in shapes:
         rounds = runs[(a, e, m, b)]
         meas = sorted(rounds, key=lambda x: x.step_s)[len(rounds) // 2]             # the median round, as measured
-        at_ref = sorted(x.step_s / profile.speed_factor(x.speed_s) for x in rounds)  # each round at the reference speed
-        ref_s = at_ref[len(at_ref) // 2]
         pred = predict_local(profile, a, e, m, b, meas.ctx)        # at the mean context of the timed steps
         rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
                      "rounds_ms": [x.step_s * 1e3 for x in rounds],
-                     "speed_factors": [profile.speed_factor(x.speed_s) for x in rounds],
-                     "measured_at_ref_ms": ref_s * 1e3, "rounds_at_ref_ms": [t * 1e3 for t in at_ref],
+                     "speed_probe_ms": [x.speed_s * 1e3 for x in rounds],
                      "predicted_tok_s": pred.tokens_per_s, "measured_tok_s": meas.tokens_per_s,
                      "throughput_error": meas.step_s / pred.iteration_s - 1,
-                     "throughput_error_at_ref": ref_s / pred.iteration_s - 1,
                      "step_ms_all": [t * 1e3 for t in meas.step_times]})
         rows[-1]["stages_predicted_ms"] = stage_medians(pred.spans, 0.5)
         rows[-1]["stages_measured_ms"] = stage_medians(meas.spans, 0.5)
         say("  stage medians, predicted | measured (ms): " + ", ".join(
             f"{k} {rows[-1]['stages_predicted_ms'].get(k, 0):.2f} | {v:.2f}" for k, v in rows[-1]["stages_measured_ms"].items()))
         say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
-            f"({100 * rows[-1]['throughput_error']:+.1f}% throughput); at the probe's reference speed {ref_s * 1e3:.1f} ms "
-            f"({100 * rows[-1]['throughput_error_at_ref']:+.1f}%)")
+            f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
         if m >= 2 and not drawn and args.timeline:
             from shuttle.tune_timeline import draw_timeline
             draw_timeline([(f"predicted (A={a}, E={e}, m={m}, B={b})", pred.spans, pred.iteration_s),
@@ -131,21 +131,18 @@ def main() -> None:
             drawn = True
             say(f"wrote {args.timeline}")
     print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
-          f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets)")
-    print(f"Profile reference speed probe {profile.speed.get('reference_s', float('nan')) * 1e3:.2f} ms; "
-          "'x' = each round's probe / reference (>1: the machine was slower than while profiling)")
+          f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets); "
+          f"speed probe of each round in ms (scheduler/tuner/speed.py; lower = faster machine)")
     print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | predicted tokens/s | measured tokens/s "
-          "| error | speed x (rounds) | measured at ref speed ms/step | error at ref speed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| error | speed probe ms (rounds) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rounds = "/".join(f"{x:.0f}" for x in r["rounds_ms"])
-        speeds = "/".join(f"{x:.2f}" for x in r["speed_factors"])
+        speeds = "/".join(f"{x:.1f}" for x in r["speed_probe_ms"])
         print(f"| {r['A']} | {r['E']} | {r['M']} | {r['B']} | {r['threads']} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} ({rounds}) | "
-              f"{r['predicted_tok_s']:.0f} | {r['measured_tok_s']:.0f} | {100 * r['throughput_error']:+.1f}% | {speeds} | "
-              f"{r['measured_at_ref_ms']:.1f} | {100 * r['throughput_error_at_ref']:+.1f}% |")
+              f"{r['predicted_tok_s']:.0f} | {r['measured_tok_s']:.0f} | {100 * r['throughput_error']:+.1f}% | {speeds} |")
     ok = ["{A},{E},{M},{B}".format(**r) for r in rows if abs(r["throughput_error"]) <= 0.10]
-    ref_ok = sum(abs(r["throughput_error_at_ref"]) <= 0.10 for r in rows)
-    print(f"\nwithin 10%: {len(ok)}/{len(rows)} shapes ({' '.join(ok)}); at the probe's reference speed: {ref_ok}/{len(rows)}")
+    print(f"\nwithin 10%: {len(ok)}/{len(rows)} shapes ({' '.join(ok)})")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": profile.machine, "model": profile.model.to_dict(), "ctx": args.ctx, "speed": profile.speed,

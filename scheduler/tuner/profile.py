@@ -76,6 +76,47 @@ class Profile:
         self.fits = fits
         return self
 
+    @classmethod
+    def merge(cls, profiles: list["Profile"]) -> "Profile":
+        """One profile from several passes over the same grid (taken at different times): every sample is
+        the median of its passes, coordinate by coordinate. On a machine whose speed drifts, passes spread
+        over the whole session see the same spells as the deployments they predict. Returns it unfitted."""
+        if not profiles:
+            raise ValueError("no profiles to merge")
+        first = profiles[0]
+        for p in profiles[1:]:
+            if (p.model, p.dtype, p.cores) != (first.model, first.dtype, first.cores) or p.threads != first.threads:
+                raise ValueError("profiles to merge must share the model, dtype, cores and thread counts")
+
+        def med(rows_by_pass: list[list]) -> list:
+            n = len(rows_by_pass[0])
+            if any(len(rows) != n for rows in rows_by_pass):
+                raise ValueError("profiles to merge must have measured the same grid")
+            out = []
+            for i in range(n):
+                cols = zip(*(rows[i] for rows in rows_by_pass))
+                out.append([sorted(c)[len(profiles) // 2] if len(profiles) % 2 else
+                            (sorted(c)[len(profiles) // 2 - 1] + sorted(c)[len(profiles) // 2]) / 2 for c in cols])
+            return out
+
+        samples: dict = {}
+        for bucket in ("attention", "expert", "head"):
+            samples[bucket] = {key: med([p.samples[bucket][key] for p in profiles]) for key in first.samples[bucket]}
+        for bucket in ("transfer", "overhead", "calibration"):
+            samples[bucket] = med([p.samples.get(bucket) or [] for p in profiles])
+        contention = [p.samples["contention"] for p in profiles if p.samples.get("contention")]
+        if contention:
+            samples["contention"] = {k: sorted(c[k] for c in contention)[len(contention) // 2] for k in contention[0]}
+        merged = cls(first.model, first.dtype, first.cores, first.machine, samples)
+        speeds = [p.speed for p in profiles if p.speed]
+        if speeds:
+            merged.speed = {"reference_s": sorted(x["reference_s"] for x in speeds)[len(speeds) // 2],
+                            "probes": sum(x["probes"] for x in speeds),
+                            "range_s": [min(x["range_s"][0] for x in speeds), max(x["range_s"][1] for x in speeds)],
+                            "rescaled": all(x.get("rescaled", True) for x in speeds)}
+        merged.samples["passes"] = len(profiles)
+        return merged
+
     def costs(self, threads: int) -> ProfiledCosts:
         """Stage costs of a rank running `threads` threads (the nearest profiled count at or below)."""
         if not self.fits:
@@ -164,7 +205,9 @@ class Profile:
         return self
 
     def report(self) -> list[str]:
-        lines = [f"profile of {self.model.name} ({self.dtype}) on {self.machine}, {self.cores} cores"]
+        passes = self.samples.get("passes", 1)
+        lines = [f"profile of {self.model.name} ({self.dtype}) on {self.machine}, {self.cores} cores"
+                 + (f"; every sample the median of {passes} passes" if passes > 1 else "")]
         for t in self.threads:
             key = str(t)
             for what, label in (("attention", "T_a"), ("expert", "T_e"), ("head", "LM head")):

@@ -266,3 +266,28 @@ def test_a_measured_contention_fixes_the_slowdown_and_calibration_fits_the_wakeu
     assert got["wakeup_latency_s"] == pytest.approx(1.2e-3, abs=0.05e-3)
     assert got["compute_scale"] == pytest.approx(1.3) and got["mean_abs_log_error"] < 1e-9
     assert any("0.25 (measured)" in line and "x1.30" in line for line in profile.report())
+
+
+def test_passes_taken_at_different_times_merge_into_their_medians():
+    passes = []
+    for factor in (1.0, 1.5, 0.9):                  # the machine's speed in each pass
+        p = _synthetic_profile()
+        for key in p.samples["attention"]:
+            p.samples["attention"][key] = [(b, c, y * factor) for b, c, y in p.samples["attention"][key]]
+        p.samples["calibration"] = [[1, 2, 1, 8, 64.0, 0.03 * factor]]
+        p.samples["contention"] = {"alone_s": 8e-3, "together_s": 9e-3, "slowdown": 0.1 * factor}
+        passes.append(p)
+    merged = Profile.merge(passes).fit()
+    clean = _synthetic_profile()
+    for (b, c, y), (_, _, want) in zip(merged.samples["attention"]["1"], clean.samples["attention"]["1"]):
+        assert y == pytest.approx(want)             # the median pass is the one at speed 1.0
+    assert merged.samples["calibration"] == [[1, 2, 1, 8, 64.0, pytest.approx(0.03)]]
+    assert merged.samples["contention"]["slowdown"] == pytest.approx(0.1)
+    assert merged.costs(1).attention(8, 100) == pytest.approx(clean.costs(1).attention(8, 100))
+    assert "median of 3 passes" in merged.report()[0]
+    short = _synthetic_profile()
+    short.samples["transfer"] = short.samples["transfer"][:2]
+    with pytest.raises(ValueError, match="same grid"):
+        Profile.merge([passes[0], short])
+    with pytest.raises(ValueError, match="no profiles"):
+        Profile.merge([])
