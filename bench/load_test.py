@@ -1,6 +1,6 @@
 """Load test: N concurrent gRPC streams over a fixed mixed-length trace, beside Hugging Face `generate`.
 
-    python bench/load_test.py [--model DIR] [--requests 64] [--concurrency 16] [--seed 0] \
+    python bench/load_test.py [--model DIR | --bench-model] [--requests 64] [--concurrency 16] [--seed 0] \
         [--prompt-len 16 256] [--output-len 16 128] [shuttle serve deployment flags, e.g. --attention-ranks 2]
 
 1. Starts `shuttle serve` (a subprocess, its own local Ray) and replays the trace with `--concurrency`
@@ -125,6 +125,9 @@ def row(name: str, r: dict, n: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: the embedded demo model)")
+    p.add_argument("--bench-model", action="store_true",
+                   help="serve bench/decode_bench.py's model instead (random Mixtral: hidden 512, 8 layers, 16 experts "
+                        "top-2, vocab 32000; built once into ~/.cache/shuttle/bench-mixtral-h512-e16)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16, help="client streams, and HF's static batch size")
     p.add_argument("--seed", type=int, default=0)
@@ -135,6 +138,11 @@ def main() -> int:
 
     from models.spec import load_spec
     from shuttle.run_cmd import resolve_model
+    if args.bench_model:
+        if args.model:
+            p.error("--bench-model and --model are exclusive")
+        from bench.decode_bench import build_model
+        args.model = build_model(os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
     model_dir = resolve_model(args.model)
     spec = load_spec(model_dir)
     trace = make_trace(args.requests, spec.vocab_size, set(spec.eos_token_ids), tuple(args.prompt_len), tuple(args.output_len), args.seed)
