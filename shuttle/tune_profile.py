@@ -26,6 +26,7 @@ from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
 from scheduler.tuner.speed import concurrent_slowdown, speed_probe
 from scheduler.tuner.trace import quantile, step_gaps
+from scheduler.tuner.trace import quantile as span_q   # run_profile's `quantile` argument shadows the name
 
 
 def machine_name() -> str:
@@ -92,6 +93,11 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
         meas = measure_decode(model_dir, a, e, m, b, calibration_ctx, steps=12, dtype=dtype, q=quantile, address=address,
                               probe=speed_probe)
         profile.samples["calibration"].append([a, e, m, b, meas.ctx, meas.step_s])
+        # the run's own compute spans (medians over layers, micro-batches and steps), to tell the compute
+        # scale and the overlap slowdown apart from what the step time alone cannot
+        att = [x.end - x.start for x in meas.events if x.side == "attention" and x.phase == "attention" and x.layer >= 0]
+        exp = [x.end - x.start for x in meas.events if x.side == "expert"]
+        profile.samples.setdefault("calibration_spans", []).append([span_q(att, quantile), span_q(exp, quantile)])
         stamps.append((meas.speed_s, [("calibration", None, len(profile.samples["calibration"]) - 1)]))
     if cores >= 2:
         k = min(cores, 4)

@@ -58,6 +58,7 @@ class StageCosts(abc.ABC):
     # to run the transport's I/O thread and wake its receiver.
     overlap_slowdown: float = 0.0
     wakeup_latency_s: float = 0.0
+    core_policy: str = "share"     # shared host: "share" (processor sharing) or "queue" (see simulate.py)
 
     @abc.abstractmethod
     def attention(self, b: float, ctx: float) -> float:       # T_a: b sequences of mean context ctx
@@ -94,6 +95,7 @@ class ProfiledCosts(StageCosts):
     wakeup_latency_s: float = 0.0
     # compute spans in a whole deployment / the same spans in the profile's turn-taking one (calibrated)
     compute_scale: float = 1.0
+    core_policy: str = "share"
 
     def attention(self, b: float, ctx: float) -> float:
         return self.compute_scale * self.attention_fit({"1": 1.0, "b": b, "b*ctx": b * ctx}) if b > 0 else 0.0

@@ -102,7 +102,7 @@ class Profile:
         samples: dict = {}
         for bucket in ("attention", "expert", "head"):
             samples[bucket] = {key: med([p.samples[bucket][key] for p in profiles]) for key in first.samples[bucket]}
-        for bucket in ("transfer", "overhead", "calibration"):
+        for bucket in ("transfer", "overhead", "calibration", "calibration_spans"):
             samples[bucket] = med([p.samples.get(bucket) or [] for p in profiles])
         contention = [p.samples["contention"] for p in profiles if p.samples.get("contention")]
         if contention:
@@ -128,7 +128,8 @@ class Profile:
                              self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores,
                              overlap_slowdown=self.interference["overlap_slowdown"],
                              wakeup_latency_s=self.interference["wakeup_latency_s"],
-                             compute_scale=self._compute_scale(t))
+                             compute_scale=self._compute_scale(t),
+                             core_policy=self.interference.get("core_policy", "share"))
 
     def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]], apply: bool = True) -> "Profile":
         """`stamps`: per measurement, (speed probe seconds, [(bucket, threads key or None, sample index), ...]).
@@ -163,6 +164,26 @@ class Profile:
         used = i.get("compute_scale_threads")
         return i.get("compute_scale", 1.0) if used is None or threads in used else 1.0
 
+    def _span_ratio(self, a: int, e: int, m: int, b: int, ctx: float, att_s: float, exp_s: float) -> float:
+        """A calibration run's median compute spans / the profile's alone-time for the same work (the mean of
+        the two sides' ratios)."""
+        alone_att, alone_exp = self.alone_times(a, e, m, b, ctx)
+        return (att_s / alone_att + exp_s / alone_exp) / 2
+
+    def alone_times(self, a: int, e: int, m: int, b: int, ctx: float) -> tuple[float, float]:
+        """(T_a, T_e) of one layer of one micro-batch of shape (a, e, m, b) from the fits, nothing else running."""
+        from scheduler.tuner.local import rank_threads   # local.py imports this module
+        t = rank_threads(self.cores, a, e, m, self.model)
+        key = str(max([x for x in self.threads if x <= t] or [min(self.threads)]))
+        sh = self.model
+        b_mb = b / (a * m)
+        tokens = b / m
+        owned = -(-sh.num_experts // e)
+        hits = owned * (1 - (1 - sh.top_k / sh.num_experts) ** tokens)
+        alone_att = self.fits["attention"][key](features(b=b_mb, **{"b*ctx": b_mb * ctx}))
+        alone_exp = self.fits["expert"][key](features(pairs=tokens * sh.top_k / e, hits=hits))
+        return alone_att, alone_exp
+
     def calibrate(self) -> "Profile":
         """Fit the interference terms to the calibration runs (no runs: both stay 0)."""
         runs = self.samples.get("calibration") or []
@@ -173,14 +194,34 @@ class Profile:
         used = sorted({max([x for x in self.threads if x <= t] or [min(self.threads)])
                        for t in (rank_threads(self.cores, a, e, m, self.model) for a, e, m, *_ in runs)})
 
+        policy = "share"
+
         def error(s: float, d: float, c: float = 1.0) -> float:
-            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used}
+            self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used,
+                                 "core_policy": policy}
             return sum(abs(math.log(predict_local(self, a, e, m, b, ctx, record=False).iteration_s / t))
                        for a, e, m, b, ctx, t in runs) / len(runs)
 
         contention = self.samples.get("contention") or {}
+        spans = self.samples.get("calibration_spans") or []
         c = 1.0
-        if "slowdown" in contention:
+        if len(spans) == len(runs):
+            # The runs' own spans against the profile's alone-times for the same work: runs whose two sides
+            # take turns (m = 1) give the compute scale; runs that overlap (m >= 2) the slowdown on top of it.
+            # Only the wake-up latency and the core policy are left to the step times.
+            s_runs, c_runs = [], []
+            for (a, e, m, b, ctx, _), (att, exp) in zip(runs, spans):
+                r = self._span_ratio(a, e, m, b, ctx, att, exp)
+                (c_runs if m == 1 else s_runs).append((r, min(a + e, self.cores)))
+            c = _median([r for r, _ in c_runs]) if c_runs else 1.0
+            s = max(0.0, _median([(r / c - 1) / max(1, k - 1) for r, k in s_runs])) if s_runs else 0.0
+            best = []
+            for policy in ("share", "queue"):
+                d = min((j * 0.1e-3 for j in range(61)), key=lambda d: error(s, d, c))
+                best.append((error(s, d, c), policy, d))
+            _, policy, d = min(best)
+            how = "spans"
+        elif "slowdown" in contention:
             # The slowdown was measured directly (speed.concurrent_slowdown). Left to the step times: the
             # wake-up latency, and how much slower compute spans run in a whole deployment than in the
             # profile's turn-taking one. (Fitting slowdown and latency to three step times instead traded
@@ -188,20 +229,27 @@ class Profile:
             s = contention["slowdown"]
             # coarse grid, then a finer one around its best point; latency outer and ascending, so that
             # where the runs cannot tell latencies apart the smallest wins
+            # and the core policy (processor sharing or queueing for a free core) that fits the runs best
             grid = [(j * 0.5e-3, k / 10) for j in range(13) for k in range(7, 17)]
-            d0, c0 = min(grid, key=lambda dc: error(s, *dc))
-            fine = [(max(0.0, d0 + j * 0.1e-3), c0 + k * 0.02) for j in range(-5, 6) for k in range(-5, 6)]
-            d, c = min(fine, key=lambda dc: error(s, *dc))
+            best = []
+            for policy in ("share", "queue"):
+                d0, c0 = min(grid, key=lambda dc: error(s, *dc))
+                fine = [(max(0.0, d0 + j * 0.1e-3), c0 + k * 0.02) for j in range(-5, 6) for k in range(-5, 6)]
+                d, c = min(fine, key=lambda dc: error(s, *dc))
+                best.append((error(s, d, c), policy, d, c))
+            _, policy, d, c = min(best)
+            how = "measured"
         else:
             # coarse grid, then a finer one around its best point
             grid = [(s / 10, d * 0.25e-3) for s in range(16) for d in range(13)]
             best = min(grid, key=lambda sd: error(*sd))
             fine = [(max(0.0, best[0] + i * 0.02), max(0.0, best[1] + j * 0.05e-3)) for i in range(-5, 6) for j in range(-5, 6)]
             s, d = min(fine, key=lambda sd: error(*sd))
+            how = "fitted"
         err = error(s, d, c)
         self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used,
-                             "mean_abs_log_error": err,
-                             "runs": len(runs), "slowdown_measured": "slowdown" in contention}
+                             "core_policy": policy, "mean_abs_log_error": err,
+                             "runs": len(runs), "slowdown_from": how}
         return self
 
     def report(self) -> list[str]:
@@ -223,9 +271,9 @@ class Profile:
                          f"{self.speed['probes']} probes, {lo * 1e3:.2f}-{hi * 1e3:.2f} ms while profiling)")
         i = self.interference
         if i.get("runs"):
-            how = "measured" if i.get("slowdown_measured") else "fitted"
+            how = {"spans": "from the runs' spans", "measured": "measured"}.get(i.get("slowdown_from"), "fitted")
             at = "/".join(str(t) for t in i.get("compute_scale_threads") or self.threads)
-            lines.append(f"  interference: compute spans x{i.get('compute_scale', 1.0):.2f} in whole deployments at {at} thread(s), "
+            lines.append(f"  interference: cores {i.get('core_policy', 'share')}d, compute spans x{i.get('compute_scale', 1.0):.2f} in whole deployments at {at} thread(s), "
                          f"overlap slowdown {i['overlap_slowdown']:.2f} ({how}) per extra running rank, wake-up "
                          f"latency {i['wakeup_latency_s'] * 1e3:.2f} ms for a message sent while every core computes (calibrated on {i['runs']} "
                          f"multi-rank runs, mean error {100 * (math.exp(i['mean_abs_log_error']) - 1):.1f}%)")
@@ -264,3 +312,9 @@ class Profile:
         elif samples["calibration"]:
             p.calibrate()
         return p
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2

@@ -8,9 +8,12 @@ What runs, in the order the engine runs it (attention_node/forward.py `run_pingp
 - expert rank e: E(0,0) E(0,1) … in (layer, micro-batch) order; E(l,j) waits for the dispatch of
   (l, j) from every attention rank (an empty message still counts).
 - a dispatch (a → e) arrives T_c(bytes) after A(l,j) ends; a combine (e → a) T_c after E(l,j) ends.
-- ranks that share a host (the CPU profile: `StageCosts.shared_host_cores`) share its cores:
-  while the running tasks want more threads than there are cores, each runs slower in proportion
-  (processor sharing). On GPUs each rank has its own devices.
+- ranks that share a host (the CPU profile: `StageCosts.shared_host_cores`) share its cores, by
+  one of two policies (`StageCosts.core_policy`, chosen by calibration): "share" — while the running
+  tasks want more threads than there are cores, each runs slower in proportion (processor sharing);
+  "queue" — a task that becomes ready while its threads do not fit on the free cores waits, earliest
+  ready first, until a running span ends (what the OS does with spans shorter than its time slice:
+  the running rank keeps its core, the woken one waits). On GPUs each rank has its own devices.
 - interference measured on a shared host (`StageCosts.overlap_slowdown`, `wakeup_latency_s`, both 0
   unless a profile calibrated them): while k ranks compute at once each runs 1 + s·(k-1) times
   slower; a message sent while the other ranks' computing threads fill every core arrives
@@ -114,6 +117,7 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
     cores = ca.shared_host_cores
     slowdown = ca.overlap_slowdown if cores else 0.0
     wakeup = ca.wakeup_latency_s if cores else 0.0
+    queueing = bool(cores) and ca.core_policy == "queue"
 
     dispatch_at: dict[tuple, float] = {}     # (a, e, l, j) → arrival time at expert e
     combine_at: dict[tuple, float] = {}      # (e, a, l, j) → arrival time at attention a
@@ -163,7 +167,8 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
     done = 0
     while done < total_tasks:
         next_ready = float("inf")
-        for lane, prog in programs.items():          # start what can start
+        ready = []
+        for lane, prog in programs.items():          # what can start
             if lane in running or pos[lane] >= len(prog):
                 continue
             kind, l, j, work = prog[pos[lane]]
@@ -171,11 +176,15 @@ def simulate(plan: SimPlan, record: bool = True) -> SimResult:
             if t is None:
                 continue
             if t <= now + 1e-15:
-                running[lane] = [kind, l, j, work, now]
-                busy[lane] += work
-                pos[lane] += 1
+                ready.append((t, lane, kind, l, j, work))
             else:
                 next_ready = min(next_ready, t)
+        for t, lane, kind, l, j, work in sorted(ready):   # earliest ready first
+            if queueing and running and sum(threads[x] for x in running) + threads[lane] > cores:
+                continue                              # no free core: it waits for a running span to end
+            running[lane] = [kind, l, j, work, now]
+            busy[lane] += work
+            pos[lane] += 1
         if cores:
             want = sum(threads[lane] for lane in running)
             rate = min(1.0, cores / want) / (1.0 + slowdown * (len(running) - 1)) if want else 1.0

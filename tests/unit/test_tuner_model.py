@@ -206,7 +206,8 @@ def test_calibration_recovers_the_interference_that_made_the_runs(tmp_path):
         assert predict_local(profile, *s, 64, record=False).iteration_s == pytest.approx(t, rel=0.02)
     assert got["overlap_slowdown"] == pytest.approx(0.3, abs=0.05)
     assert got["wakeup_latency_s"] == pytest.approx(0.5e-3, abs=0.1e-3)
-    assert any("interference: compute spans x1.00" in line and "overlap slowdown 0.30 (fitted)" in line for line in profile.report())
+    assert any("interference: cores shared, compute spans x1.00" in line and "overlap slowdown 0.30 (fitted)" in line
+               for line in profile.report())
     path = tmp_path / "p.json"                                   # saved with the profile, not refitted on load
     profile.save(str(path))
     assert Profile.load(str(path)).interference == got
@@ -262,7 +263,7 @@ def test_a_measured_contention_fixes_the_slowdown_and_calibration_fits_the_wakeu
     profile.samples["contention"] = {"alone_s": 8e-3, "together_s": 10e-3, "slowdown": 0.25}
     profile.calibrate()
     got = profile.interference
-    assert got["overlap_slowdown"] == 0.25 and got["slowdown_measured"]
+    assert got["overlap_slowdown"] == 0.25 and got["slowdown_from"] == "measured"
     assert got["wakeup_latency_s"] == pytest.approx(1.2e-3, abs=0.05e-3)
     assert got["compute_scale"] == pytest.approx(1.3) and got["mean_abs_log_error"] < 1e-9
     assert any("0.25 (measured)" in line and "x1.30" in line for line in profile.report())
@@ -291,3 +292,45 @@ def test_passes_taken_at_different_times_merge_into_their_medians():
         Profile.merge([passes[0], short])
     with pytest.raises(ValueError, match="no profiles"):
         Profile.merge([])
+
+
+def test_calibration_reads_the_compute_scale_and_slowdown_off_the_runs_spans():
+    # queued cores: a rank that sends frees its core for the receiver, so no wake-up latency applies
+    truth = {"overlap_slowdown": 0.2, "wakeup_latency_s": 0.0, "compute_scale": 1.25, "core_policy": "queue"}
+    profile = _synthetic_profile(cores=2)
+    shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
+    profile.interference = dict(truth)
+    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    spans = []
+    for a, e, m, b in shapes:      # spans the runs would show: alone-time × scale, × (1 + slowdown) when the sides overlap
+        att, exp = profile.alone_times(a, e, m, b, 64)
+        factor = 1.25 * (1.2 if m > 1 else 1.0)
+        spans.append([factor * att, factor * exp])
+    profile.samples["calibration_spans"] = spans
+    profile.samples["contention"] = {"alone_s": 8e-3, "together_s": 16e-3, "slowdown": 1.0}   # ignored: spans win
+    profile.calibrate()
+    got = profile.interference
+    assert got["slowdown_from"] == "spans"
+    assert got["compute_scale"] == pytest.approx(1.25) and got["overlap_slowdown"] == pytest.approx(0.2)
+    assert got["core_policy"] == "queue" and got["wakeup_latency_s"] == 0.0
+    assert got["mean_abs_log_error"] < 1e-6
+    assert any("from the runs' spans" in line and "cores queued" in line for line in profile.report())
+
+
+def test_queued_cores_run_at_most_as_many_spans_as_cores_at_full_speed():
+    profile = _synthetic_profile(cores=2)
+    profile.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0, "core_policy": "queue"}
+    queued = predict_local(profile, 2, 2, 2, 16, 64, threads=1)        # 4 single-thread ranks on 2 cores
+    compute = [s for s in queued.spans if s.kind in ("attention", "expert", "head")]
+    for s in compute:                                                    # never more than 2 at once
+        assert sum(1 for o in compute if o.start < s.start + 1e-12 < o.end) <= 2
+    by_lane = {}
+    for s in compute:
+        by_lane.setdefault(s.lane, 0.0)
+        by_lane[s.lane] += s.end - s.start
+    for lane, busy in queued.busy.items():                              # each span ran at full speed
+        assert by_lane[lane] == pytest.approx(busy)
+    profile.interference["core_policy"] = "share"
+    shared = predict_local(profile, 2, 2, 2, 16, 64, threads=1)
+    assert sum(s.end - s.start for s in shared.spans if s.kind == "attention") > \
+        sum(s.end - s.start for s in compute if s.kind == "attention") * 1.2   # shared: spans stretch instead
