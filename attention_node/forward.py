@@ -81,9 +81,9 @@ class AttentionForward:
         self.trace: list[TraceEvent] | None = None  # a list while the current step is traced
         self.rank = 0
 
-    def _span(self, step: int, layer: int, micro_batch: int, phase: str, start: float) -> None:
+    def _span(self, step: int, layer: int, micro_batch: int, phase: str, start: float, end: float | None = None) -> None:
         if self.trace is not None:
-            self.trace.append(TraceEvent("attention", self.rank, step, layer, micro_batch, phase, start, time.time()))
+            self.trace.append(TraceEvent("attention", self.rank, step, layer, micro_batch, phase, start, end or time.time()))
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         s = self.spec
@@ -115,11 +115,14 @@ class AttentionForward:
                 h = h + swiglu(x, lw.ffn_up, lw.ffn_down)
                 continue
             ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
+            # Stamped before the send: the experts may start (and this process be preempted) before
+            # a stamp after it. With a shared expert the span runs on to cover it (it overlaps the round trip).
+            t_launch = time.time()
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
             shared = None
             if lw.ffn_up is not None:                                     # shared expert overlaps the round trip
                 shared = torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
-            self._span(step, layer, micro_batch, "attention", t_start)
+            self._span(step, layer, micro_batch, "attention", t_start, t_launch if shared is None else None)
             yield
             t0 = time.perf_counter()
             t_wait = time.time()

@@ -99,7 +99,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
         exp = [x.end - x.start for x in meas.events if x.side == "expert"]
         profile.samples.setdefault("calibration_spans", []).append([span_q(att, quantile), span_q(exp, quantile)])
         stamps.append((meas.speed_s, [("calibration", None, len(profile.samples["calibration"]) - 1)]))
-    if cores >= 2:
+    if cores >= 2 and not profile.samples["calibration"]:
+        # only a fallback: with calibration runs, their traced spans give the slowdown (profile.py)
         k = min(cores, 4)
         progress(f"[contention] the speed probe alone and in {k} processes at once")
         profile.samples["contention"] = concurrent_slowdown(k)

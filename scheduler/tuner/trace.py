@@ -1,7 +1,7 @@
 """Measured timelines: TraceEvents of a real run → spans (the simulator's shape) and profile samples.
 
 A traced step gives, per layer l and micro-batch j: the attention rank's "attention" span (compute,
-ending when the dispatch is launched), its "wait" span (blocked on the combine), the expert ranks'
+ending when the dispatch is launched, or after the shared expert where the model has one), its "wait" span (blocked on the combine), the expert ranks'
 "expert" spans; per micro-batch a layer -1 "attention" span (the final norm); and one "lm_head" span
 (micro-batch -1: LM head and sampling over every row of the step). Transfer spans are derived: a dispatch runs from the end of the
 attention span to the start of each expert rank's span that consumes it; a combine from the end of the

@@ -21,7 +21,7 @@ def profiled(tiny_model, tmp_path_factory):
 
 def test_profile_fits_every_stage_quickly(profiled, capsys):
     model, out, rc, seconds = profiled
-    assert rc == 0 and seconds < 60
+    assert rc == 0 and seconds < 90     # 6 grid points and the 4 default calibration deployments on 2 cores
     doc = json.loads(out.read_text())
     assert doc["format"] == "shuttle-profile/1" and doc["model"]["num_experts"] == 8
     assert len(doc["samples"]["attention"]["2"]) == 6 and len(doc["samples"]["transfer"]) == 6
