@@ -6,8 +6,9 @@ with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and
 gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks. A warm-up
 configuration runs first and is discarded (the first steps of a fresh deployment are slower).
 Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16)
-decode for real, and their step times calibrate the simulator's interference terms: what the
-turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting for a core).
+decode for real, traced; their spans and step times calibrate the simulator's interference terms:
+what the turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting
+for a core). Without calibration runs a contention probe (speed.concurrent_slowdown) stands in.
 Every measurement is bracketed by the machine's speed probe (scheduler/tuner/speed.py), recorded in the
 profile; `rescale_speed=True` also rescales every sample to the profile's median speed.
 """
