@@ -9,7 +9,7 @@ decode step is timed. Throughput = B / step time. Error = predicted / measured -
 Rounds: this VM's speed wanders by tens of percent over seconds to minutes. With --reprofile (or
 no saved profile) every round is a profile pass followed by every shape once, so the profile and the
 measurements see the same spells; the profile is the median of its passes (`Profile.merge`), each
-shape's measurement its median round. The machine's speed probe (scheduler/tuner/speed.py) is
+shape's measurement its median round. The machine's speed probe (shuttle/tune_speed.py) is
 printed with every round, to show the drift.
 
     .venv/bin/python bench/tune_accuracy.py [--shapes 1,1,1,8 1,1,2,32 ...] [--profile FILE]
@@ -31,7 +31,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WIN
 
 from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
 from scheduler.tuner.profile import Profile  # noqa: E402
-from scheduler.tuner.speed import speed_probe  # noqa: E402
+from shuttle.tune_speed import speed_probe  # noqa: E402
 
 # Not the profile's calibration runs (1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16): every row here is predicted, not fitted.
 SHAPES = ["1,1,1,8", "1,1,1,32", "2,1,1,16", "1,1,2,32", "1,2,1,16", "1,1,3,48", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
@@ -132,7 +132,7 @@ def main() -> None:
             say(f"wrote {args.timeline}")
     print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
           f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets); "
-          f"speed probe of each round in ms (scheduler/tuner/speed.py; lower = faster machine)")
+          f"speed probe of each round in ms (shuttle/tune_speed.py; lower = faster machine)")
     print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | predicted tokens/s | measured tokens/s "
           "| error | speed probe ms (rounds) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ class Measured:
     ctx: float                          # mean context of the sequences over the timed steps
     spans: list = field(default_factory=list)
     events: list = field(default_factory=list)
-    speed_s: float | None = None        # the machine's speed probe around the timed steps (scheduler/tuner/speed.py)
+    speed_s: float | None = None        # the machine's speed probe around the timed steps (shuttle/tune_speed.py)
 
     @property
     def tokens_per_s(self) -> float:

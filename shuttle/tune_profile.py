@@ -8,8 +8,8 @@ configuration runs first and is discarded (the first steps of a fresh deployment
 Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16)
 decode for real, traced; their spans and step times calibrate the simulator's interference terms:
 what the turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting
-for a core). Without calibration runs a contention probe (speed.concurrent_slowdown) stands in.
-Every measurement is bracketed by the machine's speed probe (scheduler/tuner/speed.py), recorded in the
+for a core). Without calibration runs a contention probe (tune_speed.concurrent_slowdown) stands in.
+Every measurement is bracketed by the machine's speed probe (shuttle/tune_speed.py), recorded in the
 profile; `rescale_speed=True` also rescales every sample to the profile's median speed.
 """
 
@@ -25,9 +25,8 @@ from scheduler.request import SamplingParams
 from scheduler.tuner.costs import token_bytes
 from scheduler.tuner.model_shape import ModelShape
 from scheduler.tuner.profile import Profile
-from scheduler.tuner.speed import concurrent_slowdown, speed_probe
+from shuttle.tune_speed import concurrent_slowdown, speed_probe
 from scheduler.tuner.trace import quantile, step_gaps
-from scheduler.tuner.trace import quantile as span_q   # run_profile's `quantile` argument shadows the name
 
 
 def machine_name() -> str:
@@ -94,11 +93,7 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
         meas = measure_decode(model_dir, a, e, m, b, calibration_ctx, steps=12, dtype=dtype, q=quantile, address=address,
                               probe=speed_probe)
         profile.samples["calibration"].append([a, e, m, b, meas.ctx, meas.step_s])
-        # the run's own compute spans (medians over layers, micro-batches and steps), to tell the compute
-        # scale and the overlap slowdown apart from what the step time alone cannot
-        att = [x.end - x.start for x in meas.events if x.side == "attention" and x.phase == "attention" and x.layer >= 0]
-        exp = [x.end - x.start for x in meas.events if x.side == "expert"]
-        profile.samples.setdefault("calibration_spans", []).append([span_q(att, quantile), span_q(exp, quantile)])
+        profile.samples.setdefault("calibration_spans", []).append(_compute_spans(meas.events, quantile))
         stamps.append((meas.speed_s, [("calibration", None, len(profile.samples["calibration"]) - 1)]))
     if cores >= 2 and not profile.samples["calibration"]:
         # only a fallback: with calibration runs, their traced spans give the slowdown (profile.py)
@@ -157,6 +152,14 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
     added = [(bucket, key, len(profile.samples[bucket][key]) - 1) for bucket in ("attention", "expert", "head")]
     added += [(bucket, None, len(profile.samples[bucket]) - 1) for bucket in ("transfer", "overhead")]
     return sum(probes) / len(probes), added
+
+
+def _compute_spans(events: list, q: float) -> list[float]:
+    """[attention, expert] span q-quantiles of a run (over layers, micro-batches and steps): they tell the compute
+    scale and the overlap slowdown apart, which the step time alone cannot."""
+    att = [x.end - x.start for x in events if x.side == "attention" and x.phase == "attention" and x.layer >= 0]
+    exp = [x.end - x.start for x in events if x.side == "expert"]
+    return [quantile(att, q), quantile(exp, q)]
 
 
 def _running(engine) -> list:

@@ -27,9 +27,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from scheduler.tuner.costs import ProfiledCosts
+from scheduler.tuner.costs import ProfiledCosts, experts_hit
 from scheduler.tuner.fit import LinearFit, best_fit, features
 from scheduler.tuner.model_shape import ModelShape
+from scheduler.tuner.trace import quantile
 
 ATTENTION_FORMS = [("b", "1"), ("b", "b*ctx", "1"), ("b*ctx", "1")]
 EXPERT_FORMS = [("pairs", "1"), ("pairs", "hits", "1"), ("hits", "1"), ("pairs", "hits")]
@@ -50,7 +51,7 @@ class Profile:
     fits: dict = field(default_factory=dict)
     interference: dict = field(default_factory=lambda: {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0})
     # {"reference_s", "probes", "range_s"} when every sample was stamped with the machine's speed probe
-    # (scheduler/tuner/speed.py) and rescaled to the reference (median) probe; empty for older profiles
+    # (shuttle/tune_speed.py) and rescaled to the reference (median) probe; empty for older profiles
     speed: dict = field(default_factory=dict)
 
     @property
@@ -92,12 +93,7 @@ class Profile:
             n = len(rows_by_pass[0])
             if any(len(rows) != n for rows in rows_by_pass):
                 raise ValueError("profiles to merge must have measured the same grid")
-            out = []
-            for i in range(n):
-                cols = zip(*(rows[i] for rows in rows_by_pass))
-                out.append([sorted(c)[len(profiles) // 2] if len(profiles) % 2 else
-                            (sorted(c)[len(profiles) // 2 - 1] + sorted(c)[len(profiles) // 2]) / 2 for c in cols])
-            return out
+            return [[_median(col) for col in zip(*(rows[i] for rows in rows_by_pass))] for i in range(n)]
 
         samples: dict = {}
         for bucket in ("attention", "expert", "head"):
@@ -106,11 +102,11 @@ class Profile:
             samples[bucket] = med([p.samples.get(bucket) or [] for p in profiles])
         contention = [p.samples["contention"] for p in profiles if p.samples.get("contention")]
         if contention:
-            samples["contention"] = {k: sorted(c[k] for c in contention)[len(contention) // 2] for k in contention[0]}
+            samples["contention"] = {k: _median([c[k] for c in contention]) for k in contention[0]}
         merged = cls(first.model, first.dtype, first.cores, first.machine, samples)
         speeds = [p.speed for p in profiles if p.speed]
         if speeds:
-            merged.speed = {"reference_s": sorted(x["reference_s"] for x in speeds)[len(speeds) // 2],
+            merged.speed = {"reference_s": _median([x["reference_s"] for x in speeds]),
                             "probes": sum(x["probes"] for x in speeds),
                             "range_s": [min(x["range_s"][0] for x in speeds), max(x["range_s"][1] for x in speeds)],
                             "rescaled": all(x.get("rescaled", True) for x in speeds)}
@@ -121,8 +117,7 @@ class Profile:
         """Stage costs of a rank running `threads` threads (the nearest profiled count at or below)."""
         if not self.fits:
             raise ValueError("profile has no fits: call fit() first")
-        have = self.threads
-        t = max([x for x in have if x <= threads] or [min(have)])
+        t = self._profiled_threads(threads)
         key = str(t)
         return ProfiledCosts(self.fits["attention"][key], self.fits["expert"][key], self.fits["transfer"],
                              self.fits["head"][key], self.fits["overhead"], shared_host_cores=self.cores,
@@ -157,6 +152,10 @@ class Profile:
         ref = self.speed.get("reference_s")
         return probe_s / ref if ref and probe_s else 1.0
 
+    def _profiled_threads(self, threads: int) -> int:
+        """The profiled thread count that stands for `threads`: the nearest at or below (else the fewest)."""
+        return max([x for x in self.threads if x <= threads] or [min(self.threads)])
+
     def _compute_scale(self, threads: int) -> float:
         """The calibrated compute scale, for the thread counts the calibration runs used (1.0 for the others:
         nothing measured them in a whole deployment)."""
@@ -173,13 +172,11 @@ class Profile:
     def alone_times(self, a: int, e: int, m: int, b: int, ctx: float) -> tuple[float, float]:
         """(T_a, T_e) of one layer of one micro-batch of shape (a, e, m, b) from the fits, nothing else running."""
         from scheduler.tuner.local import rank_threads   # local.py imports this module
-        t = rank_threads(self.cores, a, e, m, self.model)
-        key = str(max([x for x in self.threads if x <= t] or [min(self.threads)]))
+        key = str(self._profiled_threads(rank_threads(self.cores, a, e, m, self.model)))
         sh = self.model
         b_mb = b / (a * m)
         tokens = b / m
-        owned = -(-sh.num_experts // e)
-        hits = owned * (1 - (1 - sh.top_k / sh.num_experts) ** tokens)
+        hits = experts_hit(tokens, sh.num_experts, sh.top_k, -(-sh.num_experts // e))
         alone_att = self.fits["attention"][key](features(b=b_mb, **{"b*ctx": b_mb * ctx}))
         alone_exp = self.fits["expert"][key](features(pairs=tokens * sh.top_k / e, hits=hits))
         return alone_att, alone_exp
@@ -191,8 +188,7 @@ class Profile:
             self.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0}
             return self
         from scheduler.tuner.local import predict_local, rank_threads   # local.py imports this module
-        used = sorted({max([x for x in self.threads if x <= t] or [min(self.threads)])
-                       for t in (rank_threads(self.cores, a, e, m, self.model) for a, e, m, *_ in runs)})
+        used = sorted({self._profiled_threads(rank_threads(self.cores, a, e, m, self.model)) for a, e, m, *_ in runs})
 
         policy = "share"
 
@@ -222,7 +218,7 @@ class Profile:
             _, policy, d = min(best)
             how = "spans"
         elif "slowdown" in contention:
-            # The slowdown was measured directly (speed.concurrent_slowdown). Left to the step times: the
+            # The slowdown was measured directly (tune_speed.concurrent_slowdown). Left to the step times: the
             # wake-up latency, and how much slower compute spans run in a whole deployment than in the
             # profile's turn-taking one. (Fitting slowdown and latency to three step times instead traded
             # one for the other: a run gave slowdown 1.04 while the spans at m >= 2 were no slower than alone.)
@@ -314,7 +310,5 @@ class Profile:
         return p
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+def _median(xs) -> float:
+    return quantile(list(xs), 0.5)

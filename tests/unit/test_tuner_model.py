@@ -244,7 +244,7 @@ def test_samples_taken_in_a_slow_spell_are_rescaled_to_the_reference_speed(tmp_p
 
 
 def test_speed_probe_times_its_fixed_workload():
-    from scheduler.tuner.speed import speed_probe
+    from shuttle.tune_speed import speed_probe
     import torch
     threads = torch.get_num_threads()
     t = speed_probe(repeats=3)
