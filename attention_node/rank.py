@@ -18,7 +18,7 @@ from attention_node.weights import load_attention_weights
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.messages import SampledToken, StepPlan, StepResult, TraceEvent
+from scheduler.messages import PENDING_TOKEN, SampledToken, SeqChunk, StepPlan, StepResult, TraceEvent
 from scheduler.request import SamplingParams
 from transfer.base import AttentionTransfer
 
@@ -43,15 +43,27 @@ class AttentionRank:
         self.forward = AttentionForward(spec, weights, self.cache, rotary, transfer=None)
         self.forward.rank = rank
         self.params: dict[str, SamplingParams] = {}
+        self.last_sampled: dict[str, int] = {}   # request → the token this rank sampled for it last (feeds PENDING_TOKEN)
 
     def connect(self, transfer: AttentionTransfer) -> None:
         self.forward.transfer = transfer
+
+    def _tokens(self, chunk: SeqChunk) -> list[int]:
+        """The chunk's token ids, its PENDING_TOKEN (the head had not seen it) replaced by the one sampled here."""
+        if chunk.token_ids[-1] != PENDING_TOKEN:
+            return chunk.token_ids
+        last = self.last_sampled.get(chunk.request_id)
+        if last is None:
+            raise RuntimeError(f"attention rank {self.rank}: step asks for the token sampled last for request "
+                               f"{chunk.request_id!r}, and this rank sampled none")
+        return chunk.token_ids[:-1] + [last]
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         for request_id in plan.released:
             self.params.pop(request_id, None)
+            self.last_sampled.pop(request_id, None)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling
         self.forward.wait_s = 0.0
@@ -59,7 +71,7 @@ class AttentionRank:
         programs, sampled = [], []
         for j, chunks in enumerate(plan.micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
-            input_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+            input_ids = torch.tensor([t for c in chunks for t in self._tokens(c)], dtype=torch.long, device=self.device)
             programs.append(self.forward.program(plan.step, j, input_ids, batch))
             sampled += [c for c in chunks if c.sample]
         t1 = time.perf_counter()
@@ -75,6 +87,7 @@ class AttentionRank:
             ids, logprobs = sample(logits, [self.params[c.request_id] for c in chunks], [c.output_index for c in chunks])
             tokens += [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
                        for i, (c, t, lp) in enumerate(zip(chunks, ids, logprobs))]
+            self.last_sampled.update((c.request_id, t) for c, t in zip(chunks, ids))
         if self.forward.trace is not None:
             self.forward.trace.append(TraceEvent("attention", self.rank, plan.step, -1, -1, "lm_head", t_wall, time.time()))
         t3 = time.perf_counter()

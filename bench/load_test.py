@@ -41,16 +41,24 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---- Shuttle over gRPC -------------------------------------------------------------------------
-def start_server(model: str | None, serve_flags: list[str]):
+def start_server(model: str | None, serve_flags: list[str], timeout_s: float = 600.0):
+    """Start `shuttle serve` on a free port; its log goes to a file (a pipe nobody reads would fill and
+    block the server). Returns (process, address, log path)."""
+    import tempfile
     cmd = [sys.executable, "-m", "shuttle.cli", "serve", "--port", "0", *(["--model", model] if model else []), *serve_flags]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError("shuttle serve exited before listening")
-        m = re.search(r"listening on [\d.]+:(\d+)", line)
+    log = tempfile.NamedTemporaryFile("w+", prefix="shuttle-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = open(log.name).read()
+        m = re.search(r"listening on [\d.]+:(\d+)", text)
         if m:
-            return proc, f"127.0.0.1:{m.group(1)}"
+            return proc, f"127.0.0.1:{m.group(1)}", log.name
+        if proc.poll() is not None:
+            raise RuntimeError(f"shuttle serve exited ({proc.returncode}) before listening; its log:\n{text[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"shuttle serve did not listen within {timeout_s:g}s; log: {log.name}")
 
 
 async def replay(address: str, trace, concurrency: int) -> dict:
@@ -152,11 +160,15 @@ def main() -> int:
           f"{args.output_len[0]}-{args.output_len[1]} tokens (seed {args.seed}); concurrency / batch {args.concurrency}; "
           f"shuttle flags: {' '.join(serve_flags) or '(defaults)'}", flush=True)
 
-    proc, address = start_server(args.model, serve_flags)
+    proc, address, log_path = start_server(args.model, serve_flags)
     try:
         from shuttle.client import ShuttleClient
         with ShuttleClient(address) as c:
-            c.wait_until_serving(600)
+            try:
+                c.wait_until_serving(600)
+            except TimeoutError:
+                raise RuntimeError(f"shuttle serve was not SERVING within 600 s; the end of its log ({log_path}):\n"
+                                   + open(log_path).read()[-3000:]) from None
         asyncio.run(replay(address, trace[:min(4, len(trace))], 4))  # warm-up
         shuttle = asyncio.run(replay(address, trace, args.concurrency))
     finally:

@@ -159,8 +159,15 @@ class Deployment(RankGroup):
 
     # ---- the RankGroup contract ----------------------------------------------------------
     def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
-        refs = [a.step.remote(p) for a, p in zip(self.attention, plans)]
-        return _get(refs, self.config.step_timeout_s, f"step {plans[0].step}", names=[f"attention rank {i}" for i in range(len(refs))])
+        return self.collect(self.launch(plans))
+
+    def launch(self, plans: list[StepPlan]) -> tuple[int, list]:
+        """Ray runs an actor's calls from one caller in order, so a step launched ahead waits its turn on the rank."""
+        return plans[0].step, [a.step.remote(p) for a, p in zip(self.attention, plans)]
+
+    def collect(self, handle: tuple[int, list]) -> list[StepResult]:
+        step, refs = handle
+        return _get(refs, self.config.step_timeout_s, f"step {step}", names=[f"attention rank {i}" for i in range(len(refs))])
 
     def shutdown(self) -> None:
         if self._closed:

@@ -33,6 +33,12 @@ class EngineConfig:
     step_timeout_s: float = _opt(600.0, "seconds a whole step may take before the head declares the ranks dead")
     cpus_per_rank: float = _opt(0.0, "Ray CPUs reserved per rank (0: share this node's CPUs evenly)")
     threads_per_rank: int = _opt(0, "torch threads per rank (0: with 1 micro-batch the node's cores per side, else shared by all ranks)")
+    # 1: the head schedules and launches step N+1 before it has step N's tokens (the attention ranks
+    # feed each request the token they sampled for it last), so its own per-step work and the Ray
+    # call overlap the ranks' compute instead of idling them between steps.
+    schedule_ahead: int = _opt(1, "steps the head schedules ahead of the results it has (1: overlap its work with the "
+                                  "ranks'; a request that stops on EOS or a stop token computes one extra token; 0: off)",
+                               choices=(0, 1))
 
     def __post_init__(self) -> None:
         for name in ("attention_ranks", "expert_ranks", "micro_batches", "block_size", "max_num_seqs",
@@ -40,6 +46,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule_ahead not in (0, 1):
+            raise ValueError(f"schedule_ahead must be 0 or 1, got {self.schedule_ahead!r}")
         for name in ("kv_cache_tokens", "max_model_len", "threads_per_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

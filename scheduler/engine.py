@@ -3,6 +3,15 @@
 `RankGroup` is what the head needs from the deployment (cluster/ provides it over Ray actors; tests
 provide fakes). The engine is single-threaded; `scheduler/async_engine.py` runs it on a thread for
 servers.
+
+With `schedule_ahead` (the default) the head keeps one step in flight beyond the one it waits
+for: it schedules and launches step N+1, then waits for step N's tokens and postprocesses them
+while the ranks compute N+1. Step N+1's decode chunks carry PENDING_TOKEN where the head does not
+know N's token yet; each attention rank feeds the token it sampled itself. The head's own work
+(scheduling, the Ray call, postprocessing, the server's streaming) thus overlaps the ranks'
+instead of idling them between steps. The price: a request that N finds stopped (EOS, a stop
+token, or aborted) has one token computed in N+1 for nothing, and an abort or a new request
+lands one step later. A length limit is known in advance and costs nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +39,14 @@ class RankGroup(abc.ABC):
     def shutdown(self) -> None:
         """Stop every rank (attention and expert) and release their resources."""
 
+    def launch(self, plans: list[StepPlan]) -> object:
+        """Start a step without waiting for it; `collect(handle)` returns its results. Steps run in
+        launch order, and each is collected once, in launch order. By default the step runs when collected."""
+        return plans
+
+    def collect(self, handle: object) -> list[StepResult]:
+        return self.run_step(handle)
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -52,6 +69,7 @@ class Engine:
         self.return_logits = False
         self.record_trace = False       # when True, attention-rank TraceEvents accumulate in `trace`
         self.trace: list = []
+        self._in_flight: list[object] = []   # handles of launched steps, oldest first
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams,
                     request_id: str | None = None) -> str:
@@ -63,16 +81,30 @@ class Engine:
         return self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     def step(self) -> list[RequestOutput]:
-        plans = self.scheduler.schedule(return_logits=self.return_logits, trace=self.record_trace)
-        if plans is None:
+        """Collect the oldest step in flight (launching it first if none is) and return its outputs;
+        with `schedule_ahead`, the next step is launched before waiting."""
+        while len(self._in_flight) <= self.config.schedule_ahead:
+            plans = self.scheduler.schedule(return_logits=self.return_logits, trace=self.record_trace)
+            if plans is None:
+                break
+            self._in_flight.append(self.ranks.launch(plans))
+        if not self._in_flight:
             return []
-        results = self.ranks.run_step(plans)
+        results = self.ranks.collect(self._in_flight.pop(0))
         if self.record_trace:
             self.trace += [event for r in results for event in r.trace]
         return self.scheduler.update(results)
+
+    def drain(self) -> list[RequestOutput]:
+        """Collect every step in flight (no new one is scheduled)."""
+        outputs = []
+        while self._in_flight:
+            results = self.ranks.collect(self._in_flight.pop(0))
+            outputs += self.scheduler.update(results)
+        return outputs
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
                  progress=None) -> list[Completion]:
@@ -93,6 +125,7 @@ class Engine:
                     reasons[out.request_id] = out.finish_reason
                     if progress:
                         progress(len(reasons), len(ids))
+        self.drain()   # a step launched ahead may still run for requests that have just finished
         return [Completion(i, p, tokens[i], logprobs[i], reasons[i], logits[i] or None)
                 for i, p in zip(ids, prompts)]
 

@@ -11,13 +11,18 @@ from dataclasses import dataclass, field
 
 from scheduler.request import SamplingParams
 
+# A token the head has not seen yet: the one the rank sampled for this request in the step before
+# (the head schedules a step ahead of its results, `EngineConfig.schedule_ahead`). Only ever the
+# last token of a decode chunk.
+PENDING_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class SeqChunk:
     """Tokens of one request that a step feeds through the model."""
 
     request_id: str
-    token_ids: list[int]       # a prefill chunk, or the one token sampled last step (decode)
+    token_ids: list[int]       # a prefill chunk, or the one token sampled last step (decode), maybe PENDING_TOKEN
     start_pos: int             # position of token_ids[0] in the sequence
     block_table: list[int]     # KV block ids covering positions [0, start_pos + len(token_ids))
     sample: bool               # True when this chunk ends the known tokens: sample the next one

@@ -76,7 +76,8 @@ class Request:
     finish_reason: FinishReason | None = None
     rank: int | None = None          # attention rank while RUNNING
     block_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0            # tokens whose KV is in the cache
+    num_computed: int = 0            # tokens whose KV is in the cache once the scheduled steps have run
+    sample_steps: list[int] = field(default_factory=list)   # steps in flight that sample its next token(s)
     num_preemptions: int = 0
     first_token_time: float | None = None
 
@@ -90,8 +91,9 @@ class Request:
 
     @property
     def num_pending(self) -> int:
-        """Known tokens not yet in the KV cache: the prompt (or its rest) while prefilling, 1 in decode."""
-        return self.num_tokens - self.num_computed
+        """Tokens not yet scheduled into the KV cache: the prompt (or its rest) while prefilling, 1 in
+        decode; a token still being sampled by a step in flight counts (the rank will feed it)."""
+        return self.num_tokens + len(self.sample_steps) - self.num_computed
 
     @property
     def finished(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.kv_blocks import BlockPool
-from scheduler.messages import NewRequest, SeqChunk, StepPlan, StepResult
+from scheduler.messages import PENDING_TOKEN, NewRequest, SeqChunk, StepPlan, StepResult
 from scheduler.microbatch import split_micro_batches, step_micro_batches
 from scheduler.request import (FinishReason, InvalidRequest, Request, RequestOutput, RequestState,
                                SamplingParams)
@@ -57,7 +57,6 @@ class Scheduler:
         self.step_id = 0
         self._new: list[list[NewRequest]] = [[] for _ in range(n)]
         self._released: list[list[str]] = [[] for _ in range(n)]
-        self._planned: list[tuple[Request, int]] = []  # (request, tokens) scheduled in the step in flight
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
@@ -87,8 +86,11 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self, return_logits: bool = False, trace: bool = False) -> list[StepPlan] | None:
-        """One StepPlan per attention rank, or None when there is nothing to run."""
-        assert not self._planned, "schedule() called twice without update()"
+        """One StepPlan per attention rank, or None when there is nothing to run.
+
+        May be called again before the results of the step it returned are in (`update`): the
+        chunks then assume every request in flight gets the token it is being sampled (PENDING_TOKEN
+        in its decode chunk), and a request that the length limit ends with that token is left out."""
         per_rank: list[list[SeqChunk]] = [[] for _ in self.pools]
         budgets = [self.config.max_batch_tokens] * len(self.pools)
         for r in range(len(self.pools)):
@@ -110,6 +112,9 @@ class Scheduler:
         i = 0
         while i < len(self.running[r]) and budgets[r] > 0:
             req = self.running[r][i]
+            if req.sample_steps and self._length_done(req, len(req.output_token_ids) + len(req.sample_steps)):
+                i += 1      # the token in flight is its last: nothing more to compute
+                continue
             n = min(req.num_pending, budgets[r])
             if not self.pools[r].grow(req.block_ids, req.num_computed + n):
                 victim = self.running[r][-1]
@@ -149,10 +154,15 @@ class Scheduler:
 
     def _chunk(self, req: Request, n: int) -> SeqChunk:
         start = req.num_computed
-        self._planned.append((req, n))
-        return SeqChunk(request_id=req.request_id, token_ids=req.all_token_ids[start:start + n], start_pos=start,
-                        block_table=list(req.block_ids), sample=start + n == req.num_tokens,
-                        output_index=len(req.output_token_ids))
+        known = req.all_token_ids + [PENDING_TOKEN] * len(req.sample_steps)
+        sample = start + n == len(known)
+        chunk = SeqChunk(request_id=req.request_id, token_ids=known[start:start + n], start_pos=start,
+                         block_table=list(req.block_ids), sample=sample,
+                         output_index=len(req.output_token_ids) + len(req.sample_steps))
+        req.num_computed += n           # counted when scheduled: a step scheduled ahead starts from here
+        if sample:
+            req.sample_steps.append(self.step_id + 1)
+        return chunk
 
     def _preempt(self, req: Request) -> None:
         r = req.rank
@@ -160,6 +170,7 @@ class Scheduler:
         self.pools[r].release(req.block_ids)
         self._released[r].append(req.request_id)
         req.state, req.rank, req.num_computed = RequestState.WAITING, None, 0
+        req.sample_steps.clear()        # a token still in flight is dropped and sampled again on recompute
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
@@ -173,17 +184,15 @@ class Scheduler:
 
     # ---- results back --------------------------------------------------------------------
     def update(self, results: list[StepResult]) -> list[RequestOutput]:
-        for req, n in self._planned:
-            if not req.finished and req.state is RequestState.RUNNING:
-                req.num_computed += n
-        self._planned = []
+        """Take in the tokens of one step (the oldest in flight)."""
         outputs = []
         now = time.monotonic()
         for result in results:
             for tok in result.tokens:
                 req = self.requests.get(tok.request_id)
-                if req is None or req.state is not RequestState.RUNNING:
-                    continue  # aborted or preempted while the step was in flight
+                if req is None or req.state is not RequestState.RUNNING or req.sample_steps[:1] != [result.step]:
+                    continue  # aborted, finished or preempted (maybe running again) while the step was in flight
+                req.sample_steps.pop(0)
                 req.output_token_ids.append(tok.token_id)
                 req.output_logprobs.append(tok.logprob)
                 req.first_token_time = req.first_token_time or now
@@ -200,9 +209,13 @@ class Scheduler:
             return FinishReason.EOS
         if token_id in s.stop_token_ids:
             return FinishReason.STOP
-        if len(req.output_token_ids) >= s.max_tokens or req.num_tokens >= self.limits.max_model_len:
+        if self._length_done(req, len(req.output_token_ids)):
             return FinishReason.LENGTH
         return None
+
+    def _length_done(self, req: Request, outputs: int) -> bool:
+        """Whether `outputs` output tokens end the request by max_tokens or the context length."""
+        return outputs >= req.sampling.max_tokens or len(req.prompt_token_ids) + outputs >= self.limits.max_model_len
 
     # ---- what the status endpoints show --------------------------------------------------
     def kv_usage(self) -> list[tuple[int, int]]:

@@ -47,7 +47,7 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
     config = EngineConfig(attention_ranks=n_a, expert_ranks=n_e, micro_batches=m, dtype=dtype, threads_per_rank=threads,
                           max_num_seqs=per_rank, max_batch_tokens=max(512, per_rank * ctx),
                           kv_cache_tokens=per_rank * (ctx + steps + WARM_STEPS_MAX + 8),
-                          max_model_len=ctx + steps + WARM_STEPS_MAX + 8)
+                          max_model_len=ctx + steps + WARM_STEPS_MAX + 8, schedule_ahead=0)
     progress(f"measuring A={n_a} E={n_e} m={m} B={batch} ctx={ctx}: starting the deployment")
     dep = Deployment.start(model_dir, config, address=address, progress=lambda msg: None)
     try:

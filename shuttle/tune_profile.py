@@ -64,7 +64,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
     for t in threads:
         config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1, dtype=dtype, threads_per_rank=t,
                               max_num_seqs=max(batches), max_batch_tokens=max(batches) * max(contexts),
-                              kv_cache_tokens=max(batches) * (max(contexts) + steps + 8), max_model_len=max(contexts) + steps + 8)
+                              kv_cache_tokens=max(batches) * (max(contexts) + steps + 8), max_model_len=max(contexts) + steps + 8,
+                              schedule_ahead=0)   # the cost model is per step, head's work included (docs/tuning.md)
         progress(f"[{t} thread(s)] starting a deployment (1 attention rank, 1 expert rank, m=1)")
         dep = Deployment.start(model_dir, config, address=address, progress=lambda msg: None)
         try:

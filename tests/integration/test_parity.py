@@ -54,3 +54,12 @@ def test_matches_hugging_face(ray_session, tiny_model, references, family, shape
     if shape == (2, 4, 3):
         # Few tokens per micro-batch over 4 expert ranks: some messages route nothing to some rank.
         assert sum(h.get("empty_messages", 0) for h in health) > 0
+
+
+def test_matches_hugging_face_without_scheduling_ahead(ray_session, tiny_model, references):
+    """The head that waits for every step's tokens (schedule_ahead 0) gives the same tokens and logits."""
+    ref_tokens, ref_logits = references("mixtral")
+    out, _ = run(tiny_model("mixtral"), (1, 2, 2), schedule_ahead=0)
+    for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
+        assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
+        assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4

@@ -7,7 +7,7 @@ import time
 
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
-from scheduler.messages import SampledToken, StepResult
+from scheduler.messages import PENDING_TOKEN, SampledToken, StepResult
 from scheduler.server import ServedModel
 
 VOCAB = 768
@@ -25,6 +25,7 @@ class FakeRanks(RankGroup):
         self.step_s = step_s
         self.fail_at_step = fail_at_step
         self.released: list[str] = []
+        self.last: dict[str, int] = {}     # what a real attention rank keeps to feed PENDING_TOKEN
         self.shut = threading.Event()
 
     def run_step(self, plans):
@@ -35,8 +36,11 @@ class FakeRanks(RankGroup):
         results = []
         for rank, plan in enumerate(plans):
             self.released += plan.released
-            tokens = [SampledToken(c.request_id, fake_token(c.token_ids[-1], c.context_len), -0.5)
-                      for mb in plan.micro_batches for c in mb if c.sample]
+            tokens = []
+            for c in (c for mb in plan.micro_batches for c in mb if c.sample):
+                last = self.last[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else c.token_ids[-1]
+                tokens.append(SampledToken(c.request_id, fake_token(last, c.context_len), -0.5))
+                self.last[c.request_id] = tokens[-1].token_id
             results.append(StepResult(plan.step, rank, tokens))
         return results
 
