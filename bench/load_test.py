@@ -97,10 +97,14 @@ async def replay(address: str, trace, concurrency: int) -> dict:
 
 
 # ---- Hugging Face generate in static batches ----------------------------------------------------
-def hf_static(model_dir: str, trace, batch: int) -> dict:
+def hf_model(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_static(model, trace, batch: int) -> dict:
+    import torch
     pad = 0
     ttft, tpot, tokens = [], [], 0
     busy = 0.0  # time in the full generate calls; the first-token probes are not counted
@@ -125,6 +129,10 @@ def hf_static(model_dir: str, trace, batch: int) -> dict:
     return dict(elapsed=busy, tokens=tokens, ttft=ttft, tpot=tpot)
 
 
+def _ratio(shuttle: dict, hf: dict) -> float:
+    return (shuttle["tokens"] / shuttle["elapsed"]) / (hf["tokens"] / hf["elapsed"])
+
+
 def row(name: str, r: dict, n: int) -> str:
     return (f"| {name} | {n / r['elapsed']:.2f} | {r['tokens'] / r['elapsed']:.1f} | {pct(r['ttft'], 50) * 1e3:.0f} | "
             f"{pct(r['ttft'], 99) * 1e3:.0f} | {pct(r['tpot'], 50) * 1e3:.1f} | {pct(r['tpot'], 99) * 1e3:.1f} |")
@@ -142,6 +150,10 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256))
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128))
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate Shuttle and HF this many times (one server, one HF model) and report medians and "
+                        "the median of the per-round ratios: this machine's speed drifts by ±20%% within minutes")
+    p.add_argument("--json", default=None, help="also write every round's figures here")
     args, serve_flags = p.parse_known_args()
 
     from models.spec import load_spec
@@ -170,18 +182,39 @@ def main() -> int:
                 raise RuntimeError(f"shuttle serve was not SERVING within 600 s; the end of its log ({log_path}):\n"
                                    + open(log_path).read()[-3000:]) from None
         asyncio.run(replay(address, trace[:min(4, len(trace))], 4))  # warm-up
-        shuttle = asyncio.run(replay(address, trace, args.concurrency))
+        hf_m = None if args.skip_hf else hf_model(model_dir)
+        rounds = []
+        for r in range(args.rounds):
+            shuttle = asyncio.run(replay(address, trace, args.concurrency))
+            hf = None if hf_m is None else hf_static(hf_m, trace, args.concurrency)
+            rounds.append((shuttle, hf))
+            if args.rounds > 1:
+                print(f"# round {r + 1}/{args.rounds}: Shuttle {shuttle['tokens'] / shuttle['elapsed']:.1f} tokens/s"
+                      + ("" if hf is None else f", HF {hf['tokens'] / hf['elapsed']:.1f} tokens/s, ratio {_ratio(shuttle, hf):.2f}x"),
+                      flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    print("| system | requests/s | completed tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |")
+    med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731 (the upper median for an even count)
+    pick = lambda runs: min(runs, key=lambda x: abs(x["tokens"] / x["elapsed"] - med([y["tokens"] / y["elapsed"] for y in runs])))  # noqa: E731
+    print(f"| system | requests/s | completed tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |"
+          + ("  (the median round of each)" if args.rounds > 1 else ""))
     print("|---|---|---|---|---|---|---|")
-    print(row(f"Shuttle gRPC ({args.concurrency} streams)", shuttle, len(trace)), flush=True)
+    print(row(f"Shuttle gRPC ({args.concurrency} streams)", pick([s for s, _ in rounds]), len(trace)), flush=True)
     if not args.skip_hf:
-        hf = hf_static(model_dir, trace, args.concurrency)
-        print(row(f"HF generate (static batches of {args.concurrency})", hf, len(trace)))
-        ratio = (shuttle["tokens"] / shuttle["elapsed"]) / (hf["tokens"] / hf["elapsed"])
-        print(f"# Shuttle / HF completed tokens/s: {ratio:.2f}x (target >= 2x)")
+        print(row(f"HF generate (static batches of {args.concurrency})", pick([h for _, h in rounds]), len(trace)))
+        ratios = [_ratio(s, h) for s, h in rounds]
+        print(f"# Shuttle / HF completed tokens/s: {med(ratios):.2f}x" + (f" (median of {len(ratios)} rounds: "
+              + ", ".join(f"{x:.2f}" for x in ratios) + ")" if len(ratios) > 1 else "") + " (target >= 2x)")
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+                       "model": os.path.basename(model_dir), "requests": args.requests, "concurrency": args.concurrency,
+                       "shuttle_flags": serve_flags, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "rounds": [{"shuttle_tokens_per_s": s["tokens"] / s["elapsed"],
+                                   "hf_tokens_per_s": None if h is None else h["tokens"] / h["elapsed"]} for s, h in rounds]},
+                      f, indent=1)
     return 0
 
 
