@@ -28,6 +28,8 @@ from transfer.base import AttentionTransfer
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:    # one fused op, bit-identical to the steps below in float32
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -63,9 +65,14 @@ class RotaryTable:
         self.cos = emb.cos().to(dtype).to(device)
         self.sin = emb.sin().to(dtype).to(device)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, d] at these positions: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, heads, d]."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos, sin = cos_sin
         return x * cos + rotate_half(x) * sin
 
 
@@ -85,19 +92,18 @@ class AttentionForward:
         if self.trace is not None:
             self.trace.append(TraceEvent("attention", self.rank, step, layer, micro_batch, phase, start, end or time.time()))
 
-    def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
+                  cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s = self.spec
-        T = x.shape[0]
+        T, h, g, d = x.shape[0], s.num_heads, s.num_kv_heads, s.head_dim
         qkv = lw.qkv(x)                                                  # [T, (h + 2g)·d]
-        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1)
-        q = q.view(T, s.num_heads, s.head_dim)
-        k = k.view(T, s.num_kv_heads, s.head_dim)
-        v = v.view(T, s.num_kv_heads, s.head_dim)
-        if lw.q_norm is not None:
-            q = rms_norm(q, lw.q_norm, s.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, s.rms_norm_eps)
-        q = self.rotary.apply(q, batch.positions)
-        k = self.rotary.apply(k, batch.positions)
+        v = qkv[:, (h + g) * d:].view(T, g, d)
+        if lw.q_norm is None:      # q and k rotated in one pass: [T, h + g, d]
+            q, k = self.rotary.apply(qkv[:, :(h + g) * d].view(T, h + g, d), cos_sin).split([h, g], dim=1)
+        else:
+            q = rms_norm(qkv[:, :h * d].view(T, h, d), lw.q_norm, s.rms_norm_eps)
+            k = rms_norm(qkv[:, h * d:(h + g) * d].view(T, g, d), lw.k_norm, s.rms_norm_eps)
+            q, k = self.rotary.apply(q, cos_sin), self.rotary.apply(k, cos_sin)
         o = paged_attention(q, k, v, self.cache, layer, batch)           # [T, h, d]
         return lw.o(o.reshape(T, -1))
 
@@ -107,9 +113,10 @@ class AttentionForward:
         s = self.spec
         t_start = time.time()
         h = self.w.embed[input_ids]                                       # [T, H]
+        cos_sin = self.rotary.at(batch.positions)
         for layer, lw in enumerate(self.w.layers):
             if h.shape[0]:
-                h = h + self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch)
+                h = h + self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin)
             x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
             if lw.router is None:
                 h = h + swiglu(x, lw.ffn_up, lw.ffn_down)
