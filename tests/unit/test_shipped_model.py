@@ -57,3 +57,23 @@ def test_expert_load_is_learned_not_collapsed():
     assert load.min() >= 0.01, f"an expert gets {load.min():.2%} of held-out tokens (< 1%)"
     assert (load.max(1) / load.mean(1) > 1.1).all(), "a layer routes almost uniformly"
     np.testing.assert_allclose(report()["expert_load"]["share"], load, atol=1e-6)
+
+
+def test_heldout_perplexity_and_routing_recomputed_from_the_checkpoint():
+    """The card's perplexity is the mean of the trace's per-token log-probs, and those (and the routing)
+    are what the committed weights give: the first held-out windows are re-run through transformers."""
+    import routing_trace
+    import torch
+    from transformers import AutoModelForCausalLM
+    arrays, meta = routing_trace.load(os.path.join(SHIPPED_DIR, "routing_trace.npz"))
+    scored = ~np.isnan(arrays["logprob"])
+    r = report()["heldout"]
+    assert np.exp(-arrays["logprob"][scored].mean()) == pytest.approx(r["perplexity"], rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR, dtype=torch.float32).eval()
+    windows = [w for w in np.unique(arrays["window"])[:8]]
+    picks = [np.flatnonzero(arrays["window"] == w) for w in windows]
+    routed = routing_trace.route(model, [arrays["token_ids"][p].tolist() for p in picks])
+    for p, (experts, _, logprob) in zip(picks, routed):
+        np.testing.assert_allclose(logprob[1:], arrays["logprob"][p][1:], atol=2e-3)
+        agree = (np.sort(experts, -1) == np.sort(arrays["experts"][:, p], -1)).all(-1).mean()
+        assert agree > 0.99, f"routing of window {p[0]}: {agree:.1%} of (layer, token) pairs agree"
