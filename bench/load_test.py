@@ -176,11 +176,16 @@ def main() -> int:
     try:
         from shuttle.client import ShuttleClient
         with ShuttleClient(address) as c:
-            try:
-                c.wait_until_serving(600)
-            except TimeoutError:
-                raise RuntimeError(f"shuttle serve was not SERVING within 600 s; the end of its log ({log_path}):\n"
-                                   + open(log_path).read()[-3000:]) from None
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    c.wait_until_serving(5)
+                    break
+                except TimeoutError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(("shuttle serve exited" if proc.poll() is not None else "shuttle serve was not "
+                                            "SERVING within 600 s") + f"; the end of its log ({log_path}):\n"
+                                           + open(log_path).read()[-3000:]) from None
         asyncio.run(replay(address, trace[:min(4, len(trace))], 4))  # warm-up
         hf_m = None if args.skip_hf else hf_model(model_dir)
         rounds = []

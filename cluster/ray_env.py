@@ -34,6 +34,8 @@ def local_ray_env() -> dict[str, str]:
 
 
 STARTUP_ATTEMPTS = 3
+# Ray's own start-up timeouts (seen on a busy 2-core VM): the raylet's, and the GCS port file's.
+_STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 log = logging.getLogger("shuttle.ray")
 
 
@@ -51,10 +53,11 @@ def start_ray(address: str | None = None) -> bool:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
                      configure_logging=False, _node_ip_address="127.0.0.1")
             return True
-        except Exception as e:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start window
-            if "timed out during startup" not in str(e) or attempt == STARTUP_ATTEMPTS - 1:
+        except Exception as e:  # Ray raises bare Exceptions when its raylet or GCS misses a fixed start window
+            if not any(m in str(e) for m in _STARTUP_TIMEOUTS) or attempt == STARTUP_ATTEMPTS - 1:
                 raise
-            log.warning("Ray's node did not start within its 30 s window (machine busy?); trying again")
+            log.warning("Ray's node did not start within its window (machine busy?): %s; trying again",
+                        str(e).splitlines()[0][:200])
             ray.shutdown()
     return True
 
