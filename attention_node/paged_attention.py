@@ -13,7 +13,7 @@ over the slot-major [S, g, d] layout this replaced read it r times, strided). On
 gather included, one thread, on the 2-core VM we measure on: B = 16, L = 160: 0.33 ms (was 0.62);
 B = 64, L = 128: 2.2 ms (was 3.0); B = 64, L = 320: 7.1-7.8 ms (was 9.2-9.9). Each prefill chunk
 is attended on its own with a causal mask that starts at the chunk's offset (earlier chunks are read
-back from the cache).
+back from the cache), on the CPU with the same grouped rows as decode (SDPA on GPUs).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor              # [B] token rows of decode sequences
     decode_blocks: torch.Tensor            # [B, nb] KV blocks of each decode context (padded with block 0)
     decode_bias: torch.Tensor              # [1, B, 1, nb · block_size] 0 where the key is real, -inf on padding
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row start, q len, ctx slots [C], mask [q, C])
+    prefills: list[tuple]                  # (row start, q len, ctx slots [C], mask [q, C], additive bias [q, C] float32)
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
 
     @classmethod
@@ -72,7 +72,8 @@ class AttentionBatch:
                 slots.append(ctx_slots[c.start_pos:].tolist())
                 q_pos = ctx_pos[c.start_pos:, None]
                 mask = ctx_pos[None, :] <= q_pos                                          # [q, C]
-                prefills.append((row, n, ctx_slots.to(device), mask.to(device)))
+                bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+                prefills.append((row, n, ctx_slots.to(device), mask.to(device), bias.to(device)))
             if c.sample:
                 sample_rows.append(row + n - 1)
             row += n
@@ -133,10 +134,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
         od = torch.matmul(probs, vd)                                             # [g, B, r, d]
         out[batch.decode_rows] = od.transpose(0, 1).reshape(B, -1, d)
-    for start, n, ctx_slots, mask in batch.prefills:
-        qp = q[start:start + n].transpose(0, 1)                 # [h, q, d]
+    for start, n, ctx_slots, mask, bias in batch.prefills:
         kp = cache.workspace.gather("k", k_cache, ctx_slots, 1)   # [g, C, d]
         vp = cache.workspace.gather("v", v_cache, ctx_slots, 1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-        out[start:start + n] = op.transpose(0, 1)
+        if q.device.type == "cpu":
+            out[start:start + n] = _grouped_prefill(q[start:start + n], kp, vp, bias)
+        else:   # fused kernels on GPUs
+            op = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kp, vp, attn_mask=mask, enable_gqa=True)
+            out[start:start + n] = op.transpose(0, 1)
     return out
+
+
+def _grouped_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One prefill chunk, q [n, h, d] against its context k/v [g, C, d] with bias [n, C] → [n, h, d].
+
+    As in decode, the r query heads of a KV head are rows of one matrix product ([g, r·n, d] · [g, d, C]).
+    On the CPU this is 2.7× faster than SDPA, which takes its unfused path for a masked, grouped-query
+    chunk (one chunk of 230 tokens, 8 heads / 2 KV heads, d 64, 2 threads: 0.92 ms vs 2.5 ms)."""
+    n, h, d = q.shape
+    g, C = k.shape[0], k.shape[1]
+    r = h // g
+    qg = q.view(n, g, r, d).permute(1, 2, 0, 3).reshape(g, r * n, d)
+    scores = torch.matmul(qg, k.transpose(1, 2)).mul_(d ** -0.5).view(g, r, n, C).add_(bias)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    o = torch.matmul(probs.view(g, r * n, C), v)                               # [g, r·n, d]
+    return o.view(g, r, n, d).permute(2, 0, 1, 3).reshape(n, h, d)
