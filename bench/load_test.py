@@ -129,12 +129,17 @@ def hf_static(model, trace, batch: int) -> dict:
     return dict(elapsed=busy, tokens=tokens, ttft=ttft, tpot=tpot)
 
 
+def _rate(run: dict) -> float:
+    """Completed tokens/s of one replay."""
+    return run["tokens"] / run["elapsed"]
+
+
 def _ratio(shuttle: dict, hf: dict) -> float:
-    return (shuttle["tokens"] / shuttle["elapsed"]) / (hf["tokens"] / hf["elapsed"])
+    return _rate(shuttle) / _rate(hf)
 
 
 def row(name: str, r: dict, n: int) -> str:
-    return (f"| {name} | {n / r['elapsed']:.2f} | {r['tokens'] / r['elapsed']:.1f} | {pct(r['ttft'], 50) * 1e3:.0f} | "
+    return (f"| {name} | {n / r['elapsed']:.2f} | {_rate(r):.1f} | {pct(r['ttft'], 50) * 1e3:.0f} | "
             f"{pct(r['ttft'], 99) * 1e3:.0f} | {pct(r['tpot'], 50) * 1e3:.1f} | {pct(r['tpot'], 99) * 1e3:.1f} |")
 
 
@@ -194,14 +199,14 @@ def main() -> int:
             hf = None if hf_m is None else hf_static(hf_m, trace, args.concurrency)
             rounds.append((shuttle, hf))
             if args.rounds > 1:
-                print(f"# round {r + 1}/{args.rounds}: Shuttle {shuttle['tokens'] / shuttle['elapsed']:.1f} tokens/s"
-                      + ("" if hf is None else f", HF {hf['tokens'] / hf['elapsed']:.1f} tokens/s, ratio {_ratio(shuttle, hf):.2f}x"),
+                print(f"# round {r + 1}/{args.rounds}: Shuttle {_rate(shuttle):.1f} tokens/s"
+                      + ("" if hf is None else f", HF {_rate(hf):.1f} tokens/s, ratio {_ratio(shuttle, hf):.2f}x"),
                       flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731 (the upper median for an even count)
-    pick = lambda runs: min(runs, key=lambda x: abs(x["tokens"] / x["elapsed"] - med([y["tokens"] / y["elapsed"] for y in runs])))  # noqa: E731
+    pick = lambda runs: min(runs, key=lambda x: abs(_rate(x) - med([_rate(y) for y in runs])))  # noqa: E731
     print(f"| system | requests/s | completed tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |"
           + ("  (the median round of each)" if args.rounds > 1 else ""))
     print("|---|---|---|---|---|---|---|")
@@ -217,8 +222,8 @@ def main() -> int:
             json.dump({"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
                        "model": os.path.basename(model_dir), "requests": args.requests, "concurrency": args.concurrency,
                        "shuttle_flags": serve_flags, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "rounds": [{"shuttle_tokens_per_s": s["tokens"] / s["elapsed"],
-                                   "hf_tokens_per_s": None if h is None else h["tokens"] / h["elapsed"]} for s, h in rounds]},
+                       "rounds": [{"shuttle_tokens_per_s": _rate(s), "hf_tokens_per_s": None if h is None else _rate(h)}
+                                  for s, h in rounds]},
                       f, indent=1)
     return 0
 

@@ -91,20 +91,20 @@ class Engine:
             if plans is None:
                 break
             self._in_flight.append(self.ranks.launch(plans))
-        if not self._in_flight:
-            return []
-        results = self.ranks.collect(self._in_flight.pop(0))
-        if self.record_trace:
-            self.trace += [event for r in results for event in r.trace]
-        return self.scheduler.update(results)
+        return self._collect_oldest() if self._in_flight else []
 
     def drain(self) -> list[RequestOutput]:
         """Collect every step in flight (no new one is scheduled)."""
         outputs = []
         while self._in_flight:
-            results = self.ranks.collect(self._in_flight.pop(0))
-            outputs += self.scheduler.update(results)
+            outputs += self._collect_oldest()
         return outputs
+
+    def _collect_oldest(self) -> list[RequestOutput]:
+        results = self.ranks.collect(self._in_flight.pop(0))
+        if self.record_trace:
+            self.trace += [event for r in results for event in r.trace]
+        return self.scheduler.update(results)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
                  progress=None) -> list[Completion]:
