@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from attention_node.rank import AttentionRank
 from models.linear import useful_threads
 from models.spec import ModelSpec
@@ -16,10 +14,14 @@ from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, lea
 
 class AttentionRankActor:
     def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
-                 device: str, threads: int):
-        self.threads = threads if config.threads_per_rank else useful_threads(spec, threads)
+                 device: str, threads: int, small_step_threads: int | None = None):
+        """threads: for the LM head and prefill-sized steps; small_step_threads: for the layers of decode-sized
+        steps (default: the same)."""
+        full = threads if config.threads_per_rank else useful_threads(spec, threads)
+        small = min(full, small_step_threads or full)
         self.config = config
         self.worker = AttentionRank(rank, spec, config, limits, model_dir, device)
+        self.worker.threads = (small, full)
         self.transfer: TorchDistAttentionTransfer | None = None
 
     def join_data_plane(self, host: str, port: int, world_size: int, backend: str, owner: list[int]) -> None:
@@ -30,9 +32,7 @@ class AttentionRankActor:
         w.connect(self.transfer)
 
     def step(self, plan: StepPlan) -> StepResult:
-        if torch.get_num_threads() != self.threads:   # OpenMP's thread count is per calling thread
-            torch.set_num_threads(self.threads)
-        return self.worker.step(plan)
+        return self.worker.step(plan)     # sets the (per calling thread) OpenMP thread count itself
 
     def check_health(self) -> dict:
         return {"rank": self.worker.rank, "pid": os.getpid(), "kv_cache_bytes": self.worker.cache.nbytes(),

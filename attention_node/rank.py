@@ -24,6 +24,8 @@ from transfer.base import AttentionTransfer
 
 
 LM_HEAD_ROWS = 128
+# A step of at most this many tokens runs its layers on `AttentionRank.threads[0]` (see there).
+SMALL_STEP_TOKENS = 128
 
 
 class AttentionRank:
@@ -44,6 +46,11 @@ class AttentionRank:
         self.forward.rank = rank
         self.params: dict[str, SamplingParams] = {}
         self.last_sampled: dict[str, int] = {}   # request → the token this rank sampled for it last (feeds PENDING_TOKEN)
+        # (threads for the layers of a step of ≤ SMALL_STEP_TOKENS tokens, threads for everything else):
+        # None leaves torch's setting alone. A decode step's layer work is many small ops, where more
+        # OpenMP threads add fork/join and, on cores shared with an expert rank, idle threads spinning on
+        # the cores the experts need; the LM head and prefill-sized layers are big enough to share.
+        self.threads: tuple[int, int] | None = None
 
     def connect(self, transfer: AttentionTransfer) -> None:
         self.forward.transfer = transfer
@@ -69,6 +76,9 @@ class AttentionRank:
         self.forward.wait_s = 0.0
         self.forward.trace = [] if plan.trace else None
         programs, sampled = [], []
+        if self.threads is not None:
+            tokens = sum(len(c.token_ids) for chunks in plan.micro_batches for c in chunks)
+            torch.set_num_threads(self.threads[0] if tokens <= SMALL_STEP_TOKENS else self.threads[1])
         for j, chunks in enumerate(plan.micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
             input_ids = torch.tensor([t for c in chunks for t in self._tokens(c)], dtype=torch.long, device=self.device)
@@ -78,6 +88,8 @@ class AttentionRank:
         hidden = torch.cat(run_pingpong(programs))                    # [N, H], rows in `sampled` order
         t2 = time.perf_counter()
         t_wall = time.time()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads[1])
         tokens = []
         # LM head and sampling in row blocks of bounded [rows, V] logits, never one [N, V] tensor:
         # concatenating 2 × [128, 32000] float32 measured 24 ms (a fresh 33 MB, page-faulted in).

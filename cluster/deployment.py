@@ -106,6 +106,7 @@ class Deployment(RankGroup):
             if address is not None:
                 _check_reach(layout, by_id, host, reach_timeout_s)
             threads = {i: config.threads_per_rank or _threads(config, layout, by_id[i]) for i in layout.nodes_used()}
+            small = {i: _small_step_threads(config, layout, i) for i in layout.nodes_used()}
 
             for side, node_ids in (("attention", layout.attention_nodes), ("expert", layout.expert_nodes)):
                 bundles = [layout.bundle(side)] * len(node_ids)
@@ -130,7 +131,7 @@ class Deployment(RankGroup):
 
             dev = layout.device
             attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
-                         .remote(i, spec, config, limits, model_dir, dev, threads[n])
+                         .remote(i, spec, config, limits, model_dir, dev, threads[n], small[n])
                          for i, n in enumerate(layout.attention_nodes)]
             experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
                        .remote(i, spec, placement.experts_of(i), config, model_dir, dev, threads[n])
@@ -224,6 +225,21 @@ def _threads(config: EngineConfig, layout: RankLayout, node: NodeInventory) -> i
     a, e = layout.attention_nodes.count(node.node_id), layout.expert_nodes.count(node.node_id)
     busy = max(a, e) if a and e and config.micro_batches == 1 else a + e
     return max(1, int(node.cpus) // max(1, busy))
+
+
+def _small_step_threads(config: EngineConfig, layout: RankLayout, node_id: str) -> int | None:
+    """Threads for an attention rank's layers in decode-sized steps (None: its usual count).
+
+    Where attention and expert ranks take turns on one CPU node (one micro-batch), one: a decode
+    layer's attention work is small ops that gain little from a second thread, and an idle OpenMP
+    thread spins on the cores the expert rank needs next. Measured on the 2-core VM, bench model,
+    batch 16 decode, 3 interleaved rounds (GOMP_SPINCOUNT 10000): 88 / 70 / 73 ms a step with one thread,
+    90 / 97 / 84 with two (and the earlier GOMP_SPINCOUNT 1000); at batch 64 a wash (146 / 137 / 149
+    against 151 / 157 / 146). The LM head and prefill-sized steps keep every thread
+    (AttentionRank.threads)."""
+    if config.threads_per_rank or layout.device != "cpu" or config.micro_batches != 1:
+        return None
+    return 1 if node_id in layout.expert_nodes else None
 
 
 def _ranks_on(layout: RankLayout, node_id: str) -> str:

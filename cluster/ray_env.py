@@ -21,7 +21,12 @@ LOCAL_ENV = {
     # libgomp's threads spin ~300k iterations after each parallel region by default. An attention
     # rank and an expert rank on one machine take turns, and the idle one's spinning threads steal
     # the busy one's cores (decode step at batch 64 on 2 cores: 249 ms spinning, 125 ms with 1000).
-    "GOMP_SPINCOUNT": "1000",
+    # Since attention ranks run decode layers on one thread there (cluster.deployment._small_step_threads),
+    # the expert rank's threads are the spinners that matter, and a longer spin saves them a futex
+    # wake-up per GEMM. Bench model on the 2-core VM, 3 interleaved rounds, ms a decode step: batch 16,
+    # 88 / 70 / 73 with 10000 against 99 / 88 / 78 with 1000; batch 64, 146 / 137 / 149 against
+    # 156 / 148 / 172 with 3000 (and with two-thread attention 148 / 135 / 152 against 151 / 157 / 146).
+    "GOMP_SPINCOUNT": "10000",
     # Ray starts worker processes (our ranks) at niceness 15, so the head, the gRPC server, Ray's own
     # daemons and any client on the machine preempt the ranks on every step. Ranks are the service.
     "RAY_worker_niceness": "0",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.deployment import DeploymentError, _rank_env, _threads
+from cluster.deployment import DeploymentError, _rank_env, _small_step_threads, _threads
 from cluster.inventory import NodeInventory
 from cluster.roles import plan_layout
 from scheduler.config import EngineConfig
@@ -44,3 +44,15 @@ def test_threads_split_each_nodes_cores():
     shared = plan_layout([one], 1, 1)
     assert _threads(EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1), shared, one) == 2   # take turns
     assert _threads(EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=2), shared, one) == 1   # overlap
+
+
+def test_attention_layers_of_decode_steps_run_on_one_thread_where_ranks_take_turns_on_cpus():
+    one = node("127.0.0.1", cpus=2.0)
+    shared = plan_layout([one], 1, 1)
+    take_turns = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1)
+    assert _small_step_threads(take_turns, shared, one.node_id) == 1
+    assert _small_step_threads(EngineConfig(micro_batches=2), shared, one.node_id) is None          # both sides busy at once
+    assert _small_step_threads(EngineConfig(threads_per_rank=2), shared, one.node_id) is None       # the user's count
+    a, e = node("10.1.0.1"), node("10.1.0.2")
+    apart = plan_layout([a, e], 1, 1, cpus_per_rank=8.0)
+    assert _small_step_threads(take_turns, apart, apart.attention_nodes[0]) is None   # no expert rank beside it
