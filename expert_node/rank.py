@@ -53,8 +53,10 @@ class ExpertRank:
                 transfer.close()
                 return dict(self.stats)
             counts = [h.shape[0] for h in batch.hidden]
-            out = self.shard.forward(batch.layer, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
-                                     torch.cat(batch.topk_weights), reverse=batch.micro_batch % 2 == 1)
+            one = len(counts) == 1      # a single attention rank: its tensors as they are, no copies
+            out = self.shard.forward(batch.layer, *((t[0] if one else torch.cat(t)) for t in
+                                                    (batch.hidden, batch.topk_ids, batch.topk_weights)),
+                                     reverse=batch.micro_batch % 2 == 1)
             # The span ends when the outputs exist: the combine can land before this process gets to stamp
             # a time after sending it.
             t_end = time.time()

@@ -89,23 +89,33 @@ class TorchDistAttentionTransfer(AttentionTransfer):
 
     def dispatch_launch(self, step, layer, micro_batch, hidden, topk_ids, topk_weights) -> _Dispatch:
         handle = _Dispatch(step, layer, micro_batch, hidden.shape[0])
-        for e, idx in enumerate(route_plan(topk_ids, self.owner, self.num_expert)):
-            n = idx.numel()
+        # One expert rank gets every token: no routing, no row copies (idx None: all rows, in order).
+        routes = [None] if self.num_expert == 1 else route_plan(topk_ids, self.owner, self.num_expert)
+        for e, idx in enumerate(routes):
+            n = hidden.shape[0] if idx is None else idx.numel()
             if n:   # post the combine's receive first, so it is there before the answer can be
                 buf = torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.wire)
                 handle.recvs.append((e, idx, buf, dist.irecv(buf, self._peer(e))))
-            payload = pack_payload(hidden[idx], topk_ids[idx], topk_weights[idx]) if n else []
+            rows = (hidden, topk_ids, topk_weights) if idx is None else (hidden[idx], topk_ids[idx], topk_weights[idx])
+            payload = pack_payload(*rows) if n else []
             msg, rest = self.layout.pack(Header(KIND_DATA, step, layer, micro_batch, n), payload, self.wire)
             for t in (msg, *rest):
                 handle.sends.append((dist.isend(t, self._peer(e)), t, e))
         return handle
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
-        out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
         where = f"step {handle.step}, layer {handle.layer}, micro-batch {handle.micro_batch}"
+        out = None
         for e, idx, buf, work in handle.recvs:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: no combine from expert rank {e} ({where}; timeout {self.timeout_s:g}s)")
+            if idx is None:     # the only expert rank answered for every row
+                out = buf.to(self.device)
+                continue
+            if out is None:
+                out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
             out.index_add_(0, idx, buf.to(self.device))
+        if out is None:
+            out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
         for work, _, e in handle.sends:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: dispatch to expert rank {e} ({where}; timeout {self.timeout_s:g}s) not delivered")
         return out
