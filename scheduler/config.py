@@ -32,7 +32,8 @@ class EngineConfig:
     transfer_timeout_s: float = _opt(60.0, "seconds any token transfer may wait for a peer before the step fails")
     step_timeout_s: float = _opt(600.0, "seconds a whole step may take before the head declares the ranks dead")
     cpus_per_rank: float = _opt(0.0, "Ray CPUs reserved per rank (0: share this node's CPUs evenly)")
-    threads_per_rank: int = _opt(0, "torch threads per rank (0: with 1 micro-batch the node's cores per side, else shared by all ranks)")
+    threads_per_rank: int = _opt(0, "torch threads per rank (0: with 1 micro-batch the node's cores per side, except an attention rank's "
+                                       "decode-sized layers on CPUs, 1; else shared by all ranks)")
     # 1: the head schedules and launches step N+1 before it has step N's tokens (the attention ranks
     # feed each request the token they sampled for it last), so its own per-step work and the Ray
     # call overlap the ranks' compute instead of idling them between steps.
