@@ -15,7 +15,7 @@ def profiled(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "profile.json"
     t0 = time.monotonic()
     rc = main(["tune", "profile", "--model", model, "--threads", "2", "--batches", "1,4,16", "--contexts", "16,64",
-               "--steps", "3", "--calibrate", "1,2,1,8", "1,1,2,8", "--out", str(out)])
+               "--steps", "5", "--calibrate", "1,2,1,8", "1,1,2,8", "--out", str(out)])
     return model, out, rc, time.monotonic() - t0
 
 
