@@ -53,9 +53,8 @@ class ExpertRank:
                 transfer.close()
                 return dict(self.stats)
             counts = [h.shape[0] for h in batch.hidden]
-            one = len(counts) == 1      # a single attention rank: its tensors as they are, no copies
-            out = self.shard.forward(batch.layer, *((t[0] if one else torch.cat(t)) for t in
-                                                    (batch.hidden, batch.topk_ids, batch.topk_weights)),
+            join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
+            out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
                                      reverse=batch.micro_batch % 2 == 1)
             # The span ends when the outputs exist: the combine can land before this process gets to stamp
             # a time after sending it.

@@ -105,17 +105,16 @@ class TorchDistAttentionTransfer(AttentionTransfer):
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
         where = f"step {handle.step}, layer {handle.layer}, micro-batch {handle.micro_batch}"
-        out = None
+        parts = []
         for e, idx, buf, work in handle.recvs:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: no combine from expert rank {e} ({where}; timeout {self.timeout_s:g}s)")
-            if idx is None:     # the only expert rank answered for every row
-                out = buf.to(self.device)
-                continue
-            if out is None:
-                out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
-            out.index_add_(0, idx, buf.to(self.device))
-        if out is None:
+            parts.append((idx, buf.to(self.device)))
+        if len(parts) == 1 and parts[0][0] is None:     # the only expert rank answered for every row
+            out = parts[0][1]
+        else:
             out = torch.zeros(handle.num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            for idx, part in parts:
+                out.index_add_(0, idx, part)
         for work, _, e in handle.sends:
             _wait(work, self.timeout_s, f"attention rank {self.rank}: dispatch to expert rank {e} ({where}; timeout {self.timeout_s:g}s) not delivered")
         return out
