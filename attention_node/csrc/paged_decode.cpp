@@ -1,0 +1,120 @@
+// Decode attention straight from the paged KV cache, on the CPU (float32): each (sequence, KV head)
+// walks its own block table and reads each cached K and V row once, only up to its own length.
+// The torch path it replaces gathers every context into a padded [g, B, L, d] copy first (a write
+// and a second read of all of it, padding included). Built on first use by
+// torch.utils.cpp_extension (attention_node/cpu_kernels.py); see there for why and the numbers.
+//
+// Legend: B decode sequences, g KV heads, r query heads per KV head, d head dim, S cache slots,
+// nb block-table width, L_b the context length of sequence b.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace {
+
+// Ask for the next block of one head before its rows are needed: blocks sit at random places in
+// the cache, so the hardware prefetcher (which stops at page boundaries) does not see them coming.
+inline void prefetch_block(const float* p, int64_t floats) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < floats * int64_t(sizeof(float)); i += 64) __builtin_prefetch(c + i);
+#endif
+}
+
+}  // namespace
+
+// q [B, g, r, d], k_cache / v_cache [g, S, d] (one layer), blocks [B, nb] int64, lens [B] int64
+// → out [B, g, r, d] = softmax(q·Kᵀ·scale) · V over each sequence's first L_b cached positions.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor blocks,
+                           torch::Tensor lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 3 && v_cache.dim() == 3 && blocks.dim() == 2 && lens.dim() == 1,
+              "paged_decode: expected q [B, g, r, d], caches [g, S, d], blocks [B, nb], lens [B]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "paged_decode: float32 only");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "paged_decode: int64 blocks and lens");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && blocks.is_contiguous()
+              && lens.is_contiguous(), "paged_decode: contiguous tensors only");
+  const int64_t B = q.size(0), g = q.size(1), r = q.size(2), d = q.size(3);
+  const int64_t S = k_cache.size(1), nb = blocks.size(1);
+  TORCH_CHECK(k_cache.size(0) == g && v_cache.size(0) == g && k_cache.size(2) == d && v_cache.sizes() == k_cache.sizes()
+              && blocks.size(0) == B && lens.size(0) == B, "paged_decode: shapes disagree");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= nb * block_size, "paged_decode: a context length is outside its block table");
+    max_len = std::max(max_len, lp[b]);
+  }
+  auto scores = torch::empty({B, g, r, max_len}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* bt = blocks.data_ptr<int64_t>();
+  float* sp = scores.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // scores[b, h, j, l] = q[b, h, j] · K[h, slot(b, l)] · scale; -inf past L_b
+  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / g, h = i % g, L = lp[b];
+      const float* qi = qp + i * r * d;
+      const float* kh = kp + h * S * d;
+      const int64_t* table = bt + b * nb;
+      float* si = sp + i * r * max_len;
+      for (int64_t l0 = 0; l0 < L; l0 += block_size) {
+        const int64_t blk = table[l0 / block_size];
+        TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= S, "paged_decode: block id out of range");
+        const float* kb = kh + blk * block_size * d;
+        if (l0 + block_size < L) prefetch_block(kh + table[l0 / block_size + 1] * block_size * d, block_size * d);
+        const int64_t n = std::min(block_size, L - l0);
+        for (int64_t s = 0; s < n; ++s) {
+          const float* __restrict__ kr = kb + s * d;
+          for (int64_t j = 0; j < r; ++j) {
+            const float* __restrict__ qj = qi + j * d;
+            float acc = 0.f;
+            for (int64_t t = 0; t < d; ++t) acc += qj[t] * kr[t];
+            si[j * max_len + l0 + s] = acc * sc;
+          }
+        }
+      }
+      for (int64_t j = 0; j < r; ++j) std::fill(si + j * max_len + L, si + (j + 1) * max_len, neg_inf);
+    }
+  });
+
+  auto probs = scores.softmax(-1);
+  auto out = torch::zeros_like(q);
+  const float* pp = probs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+
+  // out[b, h, j] = Σ_l probs[b, h, j, l] · V[h, slot(b, l)]
+  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / g, h = i % g, L = lp[b];
+      const float* pi = pp + i * r * max_len;
+      const float* vh = vp + h * S * d;
+      const int64_t* table = bt + b * nb;
+      float* oi = op + i * r * d;
+      for (int64_t l0 = 0; l0 < L; l0 += block_size) {
+        const float* vb = vh + table[l0 / block_size] * block_size * d;
+        if (l0 + block_size < L) prefetch_block(vh + table[l0 / block_size + 1] * block_size * d, block_size * d);
+        const int64_t n = std::min(block_size, L - l0);
+        for (int64_t s = 0; s < n; ++s) {
+          const float* __restrict__ vr = vb + s * d;
+          for (int64_t j = 0; j < r; ++j) {
+            const float p = pi[j * max_len + l0 + s];
+            float* __restrict__ oj = oi + j * d;
+            for (int64_t t = 0; t < d; ++t) oj[t] += p * vr[t];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU, float32)");
+}

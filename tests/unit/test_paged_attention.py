@@ -1,0 +1,93 @@
+"""Paged attention against a plain per-sequence reference: the CPU decode kernel and the torch path.
+
+Sequences get block tables scattered over the cache (never in order), lengths that end inside a
+block, on a block boundary, and at one token; a step mixes decode tokens with a prefill chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from attention_node import cpu_kernels
+from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
+from scheduler.messages import SeqChunk
+
+
+def _reference(q, ks, vs):
+    """q [n, h, d] against one sequence's contiguous k/v [C, g, d], causal at the end → [n, h, d] (float64)."""
+    n, h, d = q.shape
+    g = ks.shape[1]
+    k = ks.double().repeat_interleave(h // g, dim=1).transpose(0, 1)          # [h, C, d]
+    v = vs.double().repeat_interleave(h // g, dim=1).transpose(0, 1)
+    C = k.shape[1]
+    scores = q.double().transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(d)    # [h, n, C]
+    causal = torch.arange(C)[None, :] <= (C - n + torch.arange(n))[:, None]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(0, 1)                     # [n, h, d]
+
+
+def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int = 0):
+    """One layer-1 step over a cache that already holds every sequence's earlier tokens."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks, layers = 96, 2
+    cache = PagedKVCache(layers, num_blocks, block_size, g, d, torch.float32, torch.device("cpu"), decode_kernel=decode_kernel)
+    cache.k.normal_()
+    cache.v.normal_()
+    free = list(range(1, num_blocks))            # block 0 pads decode tables: keep it out of real use
+    rng.shuffle(free)
+    # (context length after this step, new tokens this step): decode rows of many lengths, one prefill chunk
+    shapes = [(1, 1), (5, 1), (block_size, 1), (block_size + 1, 1), (3 * block_size - 2, 1), (40, 1), (23, 7), (9, 1)]
+    chunks, spans = [], []
+    row = 0
+    for i, (ctx, n) in enumerate(shapes):
+        table = [free.pop() for _ in range(-(-ctx // block_size))]
+        chunks.append(SeqChunk(f"r{i}", [7] * n, ctx - n, table, True))
+        spans.append((row, n, ctx, table))
+        row += n
+    T = row
+    q, k, v = torch.randn(T, g * r, d), torch.randn(T, g, d), torch.randn(T, g, d)
+    batch = AttentionBatch.build(chunks, block_size, torch.device("cpu"))
+    out = paged_attention(q, k, v, cache, 1, batch)
+    for start, n, ctx, table in spans:
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
+        ks, vs = cache.k[1][:, slots].transpose(0, 1), cache.v[1][:, slots].transpose(0, 1)     # [C, g, d] (new rows written)
+        assert torch.equal(ks[-n:], k[start:start + n]) and torch.equal(vs[-n:], v[start:start + n])
+        want = _reference(q[start:start + n], ks, vs)
+        assert torch.allclose(out[start:start + n].double(), want, atol=2e-5, rtol=1e-4), \
+            f"sequence of {ctx} tokens ({n} new): max error {(out[start:start + n].double() - want).abs().max():.2e}"
+    return cache
+
+
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("g,r,d,block_size", [(2, 4, 64, 16), (4, 1, 32, 4), (1, 3, 16, 8)])
+def test_paged_attention_matches_reference(decode_kernel, g, r, d, block_size):
+    cache = _run(decode_kernel, g, r, d, block_size)
+    assert (cache.decode_kernel is not None) == decode_kernel
+
+
+def test_cpu_float32_caches_use_the_kernel_unless_turned_off(monkeypatch):
+    """The kernel builds here (CI machines have a compiler); SHUTTLE_CPU_KERNELS=0 leaves torch ops, other
+    dtypes never take it."""
+    cpu = torch.device("cpu")
+    assert PagedKVCache(1, 4, 4, 1, 8, torch.float32, cpu).decode_kernel is not None
+    assert PagedKVCache(1, 4, 4, 1, 8, torch.bfloat16, cpu).decode_kernel is None
+    monkeypatch.setattr(cpu_kernels, "_built", {})
+    monkeypatch.setenv("SHUTTLE_CPU_KERNELS", "0")
+    assert PagedKVCache(1, 4, 4, 1, 8, torch.float32, cpu).decode_kernel is None
+
+
+def test_kernel_rejects_inputs_it_cannot_read():
+    ext = cpu_kernels.paged_decode_kernel()
+    q, kc = torch.randn(2, 1, 1, 8), torch.randn(1, 16, 8)
+    blocks, lens = torch.tensor([[0], [1]]), torch.tensor([3, 4])
+    with pytest.raises(RuntimeError, match="float32 only"):
+        ext.paged_decode(q.double(), kc.double(), kc.double(), blocks, lens, 8, 1.0)
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        ext.paged_decode(q, kc, kc, blocks, torch.tensor([3, 9]), 8, 1.0)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ext.paged_decode(q, kc, kc, torch.tensor([[0], [2]]), lens, 8, 1.0)
