@@ -8,7 +8,7 @@ block_table[pos // block_size] · block_size + pos % block_size. Head-major mean
 blocks lands as [g, B, L, d] with every (head, sequence) context contiguous, which is what a batched
 matrix product wants. On the CPU in float32, decode sequences (one new token each) are attended by
 a small C++ kernel that walks each block table and reads every cached row once, up to that
-sequence's length (attention_node/cpu_kernels.py: one layer at 64 sequences, 3.0-3.6 ms against
+sequence's length (models/cpu_kernels.py: one layer at 64 sequences, 3.0-3.6 ms against
 5.1-6.7 for the torch path). Elsewhere (GPUs, bfloat16, no compiler) they are attended in one batched
 call over their contexts gathered whole blocks at a time (padded to the longest, masked): the r query
 heads of a KV head are that head's r query rows, so each K/V row is read once (SDPA's grouped-query
@@ -38,11 +38,11 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.workspace = _Workspace()
-        # CPU float32 decode attends straight from the cache (attention_node/cpu_kernels.py); None: torch ops
+        # CPU float32 decode attends straight from the cache (models/cpu_kernels.py); None: torch ops
         self.decode_kernel = None
         if decode_kernel and torch.device(device).type == "cpu" and dtype == torch.float32:
-            from attention_node.cpu_kernels import paged_decode_kernel
-            self.decode_kernel = paged_decode_kernel()
+            from models.cpu_kernels import cpu_kernels
+            self.decode_kernel = cpu_kernels()
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

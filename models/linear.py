@@ -13,6 +13,11 @@ unpacked, 5.7 packed). From 2^16 elements on, packing wins once the weights are 
 they are in a real step: a [768, 256] expert matrix at 4-16 rows, 64 different matrices in turn,
 one thread: 153-199 µs unpacked vs 80-121 µs packed (the shipped demo model's experts).
 SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
+
+Where Shuttle's CPU kernels are built (models/cpu_kernels.py: x86 with AVX2 and FMA) such weights
+are instead packed into 8-column panels for `panel_linear`, which beat oneDNN from 1 to 128 rows (an
+expert FFN at 8 rows, both cores: 80 vs 54 GFLOP/s; at 256 rows it is 10% behind, 133 vs 147: only a
+prefill chunk's attention projections get there); SHUTTLE_CPU_KERNELS=0 goes back to oneDNN.
 """
 
 from __future__ import annotations
@@ -44,19 +49,36 @@ def _prepack_supported(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and os.environ.get("SHUTTLE_PREPACK", "1") != "0")
 
 
+def _panel_kernels(weight: torch.Tensor):
+    """Shuttle's CPU kernels where `panel_linear` can take this weight, else None."""
+    if not (_prepack_supported(weight) and weight.shape[0] % 8 == 0):
+        return None
+    from models.cpu_kernels import cpu_kernels
+    ext = cpu_kernels()
+    return ext if ext is not None and ext.has_panel_linear() else None
+
+
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: int = 16):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.weight: torch.Tensor | None = None
-        self.packed: torch.Tensor | None = None
-        if _prepack_supported(weight):
+        self.packed: torch.Tensor | None = None      # oneDNN's layout
+        self.panels: torch.Tensor | None = None      # [out / 8, in, 8] for panel_linear
+        self._kernels = _panel_kernels(weight)
+        if self._kernels is not None:
+            self.panels = weight.reshape(self.out_features // 8, 8, self.in_features).transpose(1, 2).contiguous()
+        elif _prepack_supported(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
         else:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] → [n, out]."""
+        if self.panels is not None:
+            y = self._kernels.panel_linear(x.reshape(-1, self.in_features).contiguous(), self.panels)
+            y = y if self.bias is None else y.add_(self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] == 0:
@@ -64,6 +86,6 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def to(self, device: torch.device) -> "Linear":
-        if self.packed is not None:
+        if self.packed is not None or self.panels is not None:
             raise RuntimeError("a prepacked CPU weight cannot move to another device; load it there instead")
         return Linear(self.weight.to(device), None if self.bias is None else self.bias.to(device))

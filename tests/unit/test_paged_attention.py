@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from attention_node import cpu_kernels
+from models import cpu_kernels
 from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
 from scheduler.messages import SeqChunk
 
@@ -82,7 +82,7 @@ def test_cpu_float32_caches_use_the_kernel_unless_turned_off(monkeypatch):
 
 
 def test_kernel_rejects_inputs_it_cannot_read():
-    ext = cpu_kernels.paged_decode_kernel()
+    ext = cpu_kernels.cpu_kernels()
     q, kc = torch.randn(2, 1, 1, 8), torch.randn(1, 16, 8)
     blocks, lens = torch.tensor([[0], [1]]), torch.tensor([3, 4])
     with pytest.raises(RuntimeError, match="float32 only"):

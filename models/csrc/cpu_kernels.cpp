@@ -1,11 +1,12 @@
-// Decode attention straight from the paged KV cache, on the CPU (float32): each (sequence, KV head)
-// walks its own block table and reads each cached K and V row once, only up to its own length.
-// The torch path it replaces gathers every context into a padded [g, B, L, d] copy first (a write
-// and a second read of all of it, padding included). Built on first use by
-// torch.utils.cpp_extension (attention_node/cpu_kernels.py); see there for why and the numbers.
+// Shuttle's CPU kernels (float32), built on first use by torch.utils.cpp_extension
+// (models/cpu_kernels.py, which says why each exists and what it measured):
+//  - paged_decode: decode attention straight from the paged KV cache; each (sequence, KV head)
+//    walks its own block table and reads each cached K and V row once, only up to its own length.
+//  - panel_linear: y = x · Wᵀ for a weight packed once into 8-column panels, the few-to-some rows
+//    (1-256) that decode and chunked prefill multiply by expert and projection weights.
 //
-// Legend: B decode sequences, g KV heads, r query heads per KV head, d head dim, S cache slots,
-// nb block-table width, L_b the context length of sequence b.
+// Legend (paged_decode): B decode sequences, g KV heads, r query heads per KV head, d head dim,
+// S cache slots, nb block-table width, L_b the context length of sequence b.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -115,6 +116,81 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
+// ---- panel_linear ------------------------------------------------------------------------------
+// The weight W [N, K] is stored as panels [N/8, K, 8] (panel j holds rows 8j..8j+7, interleaved by
+// k), so one AVX register load gives W[8j..8j+7, k]. A tile of up to 8 rows of x keeps 8 accumulators
+// [8 outputs each] in registers and streams its panel once; the panel (K · 32 bytes) stays in the L1
+// cache for the next tile. Threads split the panels.
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+
+// Inlined into panel_linear's switch: called through a pointer, GCC spilled the accumulators to the
+// stack on every k (2.3x slower).
+template <int M>
+__attribute__((always_inline)) inline void panel_tile(const float* __restrict__ x, int64_t K, const float* __restrict__ p, float* __restrict__ y,
+                       int64_t ldy) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w = _mm256_loadu_ps(p + k * 8);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k), w, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * ldy, acc[m]);
+}
+
+}  // namespace
+
+bool has_panel_linear() { return true; }
+
+// x [M, K], panels [N/8, K, 8] → [M, N]
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels) {
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3 && panels.size(2) == 8 && x.size(1) == panels.size(1),
+              "panel_linear: expected x [M, K] and panels [N/8, K, 8]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "panel_linear: float32 only");
+  TORCH_CHECK(x.is_contiguous() && panels.is_contiguous(), "panel_linear: contiguous tensors only");
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  auto y = torch::empty({M, P * 8}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* pp = panels.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const float* xt = xp + m0 * K;
+        const float* pj = pp + j * K * 8;
+        float* yt = yp + m0 * P * 8 + j * 8;
+        switch (std::min<int64_t>(8, M - m0)) {
+          case 8: panel_tile<8>(xt, K, pj, yt, P * 8); break;
+          case 7: panel_tile<7>(xt, K, pj, yt, P * 8); break;
+          case 6: panel_tile<6>(xt, K, pj, yt, P * 8); break;
+          case 5: panel_tile<5>(xt, K, pj, yt, P * 8); break;
+          case 4: panel_tile<4>(xt, K, pj, yt, P * 8); break;
+          case 3: panel_tile<3>(xt, K, pj, yt, P * 8); break;
+          case 2: panel_tile<2>(xt, K, pj, yt, P * 8); break;
+          default: panel_tile<1>(xt, K, pj, yt, P * 8);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+#else  // no AVX2/FMA: Linear keeps oneDNN (models/linear.py asks has_panel_linear first)
+
+bool has_panel_linear() { return false; }
+
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels) {
+  TORCH_CHECK(false, "panel_linear: this build has no AVX2/FMA");
+  return x;
+}
+
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU, float32)");
+  m.def("panel_linear", &panel_linear, "x · Wᵀ for a weight packed into [N/8, K, 8] panels (CPU, float32)");
+  m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
 }

@@ -1,0 +1,78 @@
+"""Shuttle's CPU kernels (csrc/cpu_kernels.cpp, float32), built once per machine on first use.
+
+Two places where torch's own CPU ops measured far from what the machine can do:
+
+- Decode attention from a paged cache: torch ops must first gather every context into a padded
+  copy; at 64 sequences that gather (a write, then a second read of all of it, padding included)
+  was most of the attention rank's time in a decode step. `paged_decode` walks each sequence's
+  block table and reads each cached row once, up to that sequence's length. One layer, one thread,
+  64 sequences of 32-383 tokens (mean 223), 2 KV heads × 4 query heads, d 64, blocks at random
+  places in a 4096-block cache, on the 2-core VM we measure on: torch path 5.1-6.7 ms, kernel
+  3.0-3.6 ms (equal to ~4e-7).
+- Few-row matrix products (decode and chunked prefill: 1-256 rows per expert): oneDNN's prepacked
+  GEMM (models/linear.py) reached 53 GFLOP/s (13 GB/s of weights) at 8 rows × [2048, 512] on both
+  cores, MKL 33. `panel_linear` keeps a weight in 8-column panels and a tile of up to 8 rows in
+  registers. A whole expert FFN ([2048, 512] up, [512, 1024] down), 128 different experts in turn,
+  both cores, GFLOP/s panel vs oneDNN: 1 row 13.6 vs 11.0 (27 GB/s of weights: the memory), 8 rows
+  80 vs 54, 16: 93 vs 78, 32: 115 vs 102, 64: 126 vs 122, 128: 127 vs 122, 256: 133 vs 147.
+
+No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
+their own torch builds), so they are ~150 lines of C++ built by `torch.utils.cpp_extension`, which
+caches the build by source hash and locks it for ranks that start together. Threads come from
+torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
+
+The build needs a C++ compiler and takes ~35 s the first time; it is compiled for the machine it
+runs on (-march=native; the build's name carries the CPU's feature flags, so a shared home
+directory never hands one node another's binary). Where it cannot be built, or with
+SHUTTLE_CPU_KERNELS=0, attention and linear layers use torch ops (oneDNN), and say so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+
+_lock = threading.Lock()
+_built: dict = {}            # "ext" → the extension module, or None where it is unavailable
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cpp")
+# Vectorised float reductions need reassociation; these allow that and nothing that changes how
+# infinities or NaNs behave (unlike -ffast-math).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+
+
+def _cpu_tag() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def cpu_kernels():
+    """The built extension (`.paged_decode(q, k_cache, v_cache, blocks, lens, block_size, scale)`,
+    `.panel_linear(x, panels)`, `.has_panel_linear()`), or None where it is turned off or cannot be built
+    (then the reason is printed once)."""
+    with _lock:
+        if "ext" in _built:
+            return _built["ext"]
+        ext = None
+        if os.environ.get("SHUTTLE_CPU_KERNELS", "1") == "0":
+            pass
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+                print("[shuttle] loading the CPU kernels (built once per machine, ~40 s the first time)",
+                      file=sys.stderr, flush=True)
+                ext = load(name=f"shuttle_cpu_kernels_{_cpu_tag()}", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                           verbose=False)
+            except Exception as e:   # no compiler, no headers, ...: the torch path still works
+                print(f"[shuttle] the CPU kernels could not be built; attention and linear layers use torch ops "
+                      f"(slower at large batches): {type(e).__name__}: {str(e).strip()[-500:]}", file=sys.stderr, flush=True)
+        _built["ext"] = ext
+        return ext
