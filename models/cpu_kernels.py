@@ -18,11 +18,11 @@ Two places where torch's own CPU ops measured far from what the machine can do:
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
 their own torch builds), so they are ~150 lines of C++ built by `torch.utils.cpp_extension`, which
-caches the build by source hash and locks it for ranks that start together. Threads come from
+rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
-The build needs a C++ compiler and takes ~35 s the first time; it is compiled for the machine it
-runs on (-march=native; the build's name carries the CPU's feature flags, so a shared home
+The build needs a C++ compiler and takes ~40 s the first time; it is compiled for the machine it
+runs on (-march=native; the build's folder names the CPU's feature flags, so a shared home
 directory never hands one node another's binary). Where it cannot be built, or with
 SHUTTLE_CPU_KERNELS=0, attention and linear layers use torch ops (oneDNN), and say so once.
 """
@@ -54,6 +54,37 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def build_directory() -> str:
+    """Where the build lives: $TORCH_EXTENSIONS_DIR or ~/.cache/shuttle/kernels, then one folder per
+    torch version, Python version and CPU (a build is only good for all three)."""
+    import torch
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "shuttle", "kernels")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(base, f"cpu_kernels-torch{torch.__version__}-{py}-{_cpu_tag()}")
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+    folder = build_directory()
+    os.makedirs(folder, exist_ok=True)
+    # torch's own build lock is a file that stays behind when a build is killed (a rank stopped
+    # mid-build), and every later build then waits on it forever. Ours is an flock, which the OS
+    # drops with its process: whoever holds it is the only builder, so a torch lock it finds is stale.
+    with open(os.path.join(folder, "shuttle.lock"), "w") as held:
+        try:
+            import fcntl
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+        except ImportError:   # not POSIX: torch's lock alone
+            pass
+        if not os.path.exists(os.path.join(folder, "shuttle_cpu_kernels.so")):
+            print(f"[shuttle] building the CPU kernels into {folder} (once per machine, ~40 s)", file=sys.stderr, flush=True)
+        return load(name="shuttle_cpu_kernels", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=folder, verbose=False)
+
+
 def cpu_kernels():
     """The built extension (`.paged_decode(q, k_cache, v_cache, blocks, lens, block_size, scale)`,
     `.panel_linear(x, panels)`, `.has_panel_linear()`), or None where it is turned off or cannot be built
@@ -62,15 +93,9 @@ def cpu_kernels():
         if "ext" in _built:
             return _built["ext"]
         ext = None
-        if os.environ.get("SHUTTLE_CPU_KERNELS", "1") == "0":
-            pass
-        else:
+        if os.environ.get("SHUTTLE_CPU_KERNELS", "1") != "0":
             try:
-                from torch.utils.cpp_extension import load
-                print("[shuttle] loading the CPU kernels (built once per machine, ~40 s the first time)",
-                      file=sys.stderr, flush=True)
-                ext = load(name=f"shuttle_cpu_kernels_{_cpu_tag()}", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                           verbose=False)
+                ext = _build()
             except Exception as e:   # no compiler, no headers, ...: the torch path still works
                 print(f"[shuttle] the CPU kernels could not be built; attention and linear layers use torch ops "
                       f"(slower at large batches): {type(e).__name__}: {str(e).strip()[-500:]}", file=sys.stderr, flush=True)

@@ -91,3 +91,24 @@ def test_kernel_rejects_inputs_it_cannot_read():
         ext.paged_decode(q, kc, kc, blocks, torch.tensor([3, 9]), 8, 1.0)
     with pytest.raises(RuntimeError, match="block id out of range"):
         ext.paged_decode(q, kc, kc, torch.tensor([[0], [2]]), lens, 8, 1.0)
+
+
+
+def test_a_build_killed_midway_does_not_block_the_next():
+    """torch's build lock is a file that a build killed midway leaves behind; the next load must not wait on
+    it forever (it would hang every rank of every later deployment on this machine)."""
+    import os
+    import subprocess
+    import sys
+    assert cpu_kernels.cpu_kernels() is not None                      # built (or found) in this process
+    stale = os.path.join(cpu_kernels.build_directory(), "lock")
+    open(stale, "w").close()
+    try:
+        code = "from models.cpu_kernels import cpu_kernels; import sys; sys.exit(0 if cpu_kernels() is not None else 1)"
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not os.path.exists(stale)
+    finally:
+        if os.path.exists(stale):
+            os.remove(stale)
