@@ -25,6 +25,27 @@ inline void prefetch_block(const float* p, int64_t floats) {
 #endif
 }
 
+// Calls row(l, K or V row) for positions l = 0..L-1 of one sequence in one KV head's slot array,
+// through the sequence's block table, asking for each next block while the current one is read.
+template <typename Row>
+inline void for_each_cached_row(const float* head, const int64_t* table, int64_t L, int64_t block_size, int64_t d,
+                                Row&& row) {
+  for (int64_t l0 = 0; l0 < L; l0 += block_size) {
+    const float* block = head + table[l0 / block_size] * block_size * d;
+    if (l0 + block_size < L) prefetch_block(head + table[l0 / block_size + 1] * block_size * d, block_size * d);
+    const int64_t n = std::min(block_size, L - l0);
+    for (int64_t s = 0; s < n; ++s) row(l0 + s, block + s * d);
+  }
+}
+
+// Runs fn(i, b, h) for every (sequence b, KV head h), i = b·g + h, split over torch's threads.
+template <typename Fn>
+inline void for_each_sequence_head(int64_t B, int64_t g, Fn&& fn) {
+  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i, i / g, i % g);
+  });
+}
+
 }  // namespace
 
 // q [B, g, r, d], k_cache / v_cache [g, S, d] (one layer), blocks [B, nb] int64, lens [B] int64
@@ -44,45 +65,34 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
               && blocks.size(0) == B && lens.size(0) == B, "paged_decode: shapes disagree");
   const int64_t* lp = lens.data_ptr<int64_t>();
   int64_t max_len = 0;
+  const int64_t* bt = blocks.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= nb * block_size, "paged_decode: a context length is outside its block table");
+    for (int64_t i = 0; i * block_size < lp[b]; ++i)
+      TORCH_CHECK(bt[b * nb + i] >= 0 && (bt[b * nb + i] + 1) * block_size <= S, "paged_decode: block id out of range");
     max_len = std::max(max_len, lp[b]);
   }
   auto scores = torch::empty({B, g, r, max_len}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
-  const int64_t* bt = blocks.data_ptr<int64_t>();
   float* sp = scores.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   // scores[b, h, j, l] = q[b, h, j] · K[h, slot(b, l)] · scale; -inf past L_b
-  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / g, h = i % g, L = lp[b];
-      const float* qi = qp + i * r * d;
-      const float* kh = kp + h * S * d;
-      const int64_t* table = bt + b * nb;
-      float* si = sp + i * r * max_len;
-      for (int64_t l0 = 0; l0 < L; l0 += block_size) {
-        const int64_t blk = table[l0 / block_size];
-        TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= S, "paged_decode: block id out of range");
-        const float* kb = kh + blk * block_size * d;
-        if (l0 + block_size < L) prefetch_block(kh + table[l0 / block_size + 1] * block_size * d, block_size * d);
-        const int64_t n = std::min(block_size, L - l0);
-        for (int64_t s = 0; s < n; ++s) {
-          const float* __restrict__ kr = kb + s * d;
-          for (int64_t j = 0; j < r; ++j) {
-            const float* __restrict__ qj = qi + j * d;
-            float acc = 0.f;
-            for (int64_t t = 0; t < d; ++t) acc += qj[t] * kr[t];
-            si[j * max_len + l0 + s] = acc * sc;
-          }
-        }
+  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
+    const float* qi = qp + i * r * d;
+    float* si = sp + i * r * max_len;
+    for_each_cached_row(kp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const float* __restrict__ kr) {
+      for (int64_t j = 0; j < r; ++j) {
+        const float* __restrict__ qj = qi + j * d;
+        float acc = 0.f;
+        for (int64_t t = 0; t < d; ++t) acc += qj[t] * kr[t];
+        si[j * max_len + l] = acc * sc;
       }
-      for (int64_t j = 0; j < r; ++j) std::fill(si + j * max_len + L, si + (j + 1) * max_len, neg_inf);
-    }
+    });
+    for (int64_t j = 0; j < r; ++j) std::fill(si + j * max_len + lp[b], si + (j + 1) * max_len, neg_inf);
   });
 
   auto probs = scores.softmax(-1);
@@ -91,27 +101,16 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   float* op = out.data_ptr<float>();
 
   // out[b, h, j] = Σ_l probs[b, h, j, l] · V[h, slot(b, l)]
-  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / g, h = i % g, L = lp[b];
-      const float* pi = pp + i * r * max_len;
-      const float* vh = vp + h * S * d;
-      const int64_t* table = bt + b * nb;
-      float* oi = op + i * r * d;
-      for (int64_t l0 = 0; l0 < L; l0 += block_size) {
-        const float* vb = vh + table[l0 / block_size] * block_size * d;
-        if (l0 + block_size < L) prefetch_block(vh + table[l0 / block_size + 1] * block_size * d, block_size * d);
-        const int64_t n = std::min(block_size, L - l0);
-        for (int64_t s = 0; s < n; ++s) {
-          const float* __restrict__ vr = vb + s * d;
-          for (int64_t j = 0; j < r; ++j) {
-            const float p = pi[j * max_len + l0 + s];
-            float* __restrict__ oj = oi + j * d;
-            for (int64_t t = 0; t < d; ++t) oj[t] += p * vr[t];
-          }
-        }
+  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
+    const float* pi = pp + i * r * max_len;
+    float* oi = op + i * r * d;
+    for_each_cached_row(vp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const float* __restrict__ vr) {
+      for (int64_t j = 0; j < r; ++j) {
+        const float p = pi[j * max_len + l];
+        float* __restrict__ oj = oi + j * d;
+        for (int64_t t = 0; t < d; ++t) oj[t] += p * vr[t];
       }
-    }
+    });
   });
   return out;
 }
