@@ -132,24 +132,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     v_cache.index_copy_(1, batch.slots, v.transpose(0, 1))
     g, d = k_cache.shape[0], k_cache.shape[2]
     out = torch.empty_like(q)
-    if batch.decode_rows.numel() and cache.decode_kernel is not None:
+    if batch.decode_rows.numel():
         B = batch.decode_rows.numel()
         qd = q[batch.decode_rows].view(B, g, -1, d)                                  # [B, g, r, d]
-        od = cache.decode_kernel.paged_decode(qd, k_cache, v_cache, batch.decode_blocks, batch.decode_lens,
-                                              cache.block_size, d ** -0.5)
-        out[batch.decode_rows] = od.view(B, -1, d)
-    elif batch.decode_rows.numel():
-        B, nb = batch.decode_blocks.shape
-        L = nb * cache.block_size
-        by_block = (g, cache.num_blocks, cache.block_size, d)
-        # Whole blocks (block_size contiguous slots each), not single slots: 16× fewer rows to find.
-        kd = cache.workspace.gather("k", k_cache.view(by_block), batch.decode_blocks, 1).view(g, B, L, d)
-        vd = cache.workspace.gather("v", v_cache.view(by_block), batch.decode_blocks, 1).view(g, B, L, d)
-        qd = q[batch.decode_rows].view(B, g, -1, d).transpose(0, 1)            # [g, B, r, d]
-        scores = torch.matmul(qd, kd.transpose(2, 3)).mul_(d ** -0.5).add_(batch.decode_bias)   # [g, B, r, L]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
-        od = torch.matmul(probs, vd)                                             # [g, B, r, d]
-        out[batch.decode_rows] = od.transpose(0, 1).reshape(B, -1, d)
+        if cache.decode_kernel is not None:
+            od = cache.decode_kernel.paged_decode(qd, k_cache, v_cache, batch.decode_blocks, batch.decode_lens,
+                                                  cache.block_size, d ** -0.5)
+        else:
+            od = _gathered_decode(qd, k_cache, v_cache, cache, batch)
+        out[batch.decode_rows] = od.reshape(B, -1, d)
     for start, n, ctx_slots, mask, bias in batch.prefills:
         kp = cache.workspace.gather("k", k_cache, ctx_slots, 1)   # [g, C, d]
         vp = cache.workspace.gather("v", v_cache, ctx_slots, 1)
@@ -159,6 +150,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
             op = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kp, vp, attn_mask=mask, enable_gqa=True)
             out[start:start + n] = op.transpose(0, 1)
     return out
+
+
+def _gathered_decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache: PagedKVCache,
+                     batch: AttentionBatch) -> torch.Tensor:
+    """Decode attention with torch ops: qd [B, g, r, d] against contexts gathered whole blocks at a time
+    (padded to the longest, masked) → [B, g, r, d]."""
+    B, g, _, d = qd.shape
+    L = batch.decode_blocks.shape[1] * cache.block_size
+    by_block = (g, cache.num_blocks, cache.block_size, d)
+    # Whole blocks (block_size contiguous slots each), not single slots: 16× fewer rows to find.
+    kd = cache.workspace.gather("k", k_cache.view(by_block), batch.decode_blocks, 1).view(g, B, L, d)
+    vd = cache.workspace.gather("v", v_cache.view(by_block), batch.decode_blocks, 1).view(g, B, L, d)
+    scores = torch.matmul(qd.transpose(0, 1), kd.transpose(2, 3)).mul_(d ** -0.5).add_(batch.decode_bias)   # [g, B, r, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
+    return torch.matmul(probs, vd).transpose(0, 1)                             # [B, g, r, d]
 
 
 def _grouped_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

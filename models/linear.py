@@ -50,8 +50,8 @@ def _prepack_supported(weight: torch.Tensor) -> bool:
 
 
 def _panel_kernels(weight: torch.Tensor):
-    """Shuttle's CPU kernels where `panel_linear` can take this weight, else None."""
-    if not (_prepack_supported(weight) and weight.shape[0] % 8 == 0):
+    """Shuttle's CPU kernels where `panel_linear` can take this (prepackable) weight, else None."""
+    if weight.shape[0] % 8:
         return None
     from models.cpu_kernels import cpu_kernels
     ext = cpu_kernels()
@@ -65,13 +65,14 @@ class Linear:
         self.weight: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None      # oneDNN's layout
         self.panels: torch.Tensor | None = None      # [out / 8, in, 8] for panel_linear
-        self._kernels = _panel_kernels(weight)
-        if self._kernels is not None:
-            self.panels = weight.reshape(self.out_features // 8, 8, self.in_features).transpose(1, 2).contiguous()
-        elif _prepack_supported(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
-        else:
+        self._kernels = None
+        if not _prepack_supported(weight):
             self.weight = weight
+        elif (kernels := _panel_kernels(weight)) is not None:
+            self._kernels = kernels
+            self.panels = weight.reshape(self.out_features // 8, 8, self.in_features).transpose(1, 2).contiguous()
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] → [n, out]."""

@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from models import cpu_kernels
 from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
+from models import cpu_kernels
 from scheduler.messages import SeqChunk
 
 
