@@ -11,13 +11,17 @@ Two places where torch's own CPU ops measured far from what the machine can do:
   3.0-3.6 ms (equal to ~4e-7).
 - Few-row matrix products (decode and chunked prefill: 1-256 rows per expert): oneDNN's prepacked
   GEMM (models/linear.py) reached 53 GFLOP/s (13 GB/s of weights) at 8 rows × [2048, 512] on both
-  cores, MKL 33. `panel_linear` keeps a weight in 8-column panels and a tile of up to 8 rows in
-  registers. A whole expert FFN ([2048, 512] up, [512, 1024] down), 128 different experts in turn,
-  both cores, GFLOP/s panel vs oneDNN: 1 row 13.6 vs 11.0 (27 GB/s of weights: the memory), 8 rows
-  80 vs 54, 16: 93 vs 78, 32: 115 vs 102, 64: 126 vs 122, 128: 127 vs 122, 256: 133 vs 147.
+  cores, MKL 33. `panel_linear` keeps a weight in 8-column panels; up to 8 rows run as one register
+  tile per panel (one pass over the weight, which bounds the speed there), more rows as tiles of up
+  to 6 rows over two neighbouring panels (12 accumulators: enough to hide the FMA latency). A whole
+  expert FFN ([2048, 512] up, [512, 1024] down), 128 different experts in turn, both cores, GFLOP/s
+  panel vs oneDNN: 1 row 13.7 vs 10.3 (27 GB/s of weights: the memory), 4: 48 vs 32, 8: 77 vs 47,
+  16: 118 vs 73, 32: 139 vs 100, 64: 163 vs 125, 128: 171 vs 138, 256: 174 vs 146. (With 8-row
+  tiles only, as first written: 16 rows 93, 32: 115, 64: 126, 256: 133.) `grouped_panel_linear`
+  runs a layer's experts, each on its own rows, in one parallel region (expert_node/experts.py).
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
-their own torch builds), so they are ~150 lines of C++ built by `torch.utils.cpp_extension`, which
+their own torch builds), so they are ~300 lines of C++ built by `torch.utils.cpp_extension`, which
 rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
@@ -87,7 +91,7 @@ def _build():
 
 def cpu_kernels():
     """The built extension (`.paged_decode(q, k_cache, v_cache, blocks, lens, block_size, scale)`,
-    `.panel_linear(x, panels)`, `.has_panel_linear()`), or None where it is turned off or cannot be built
+    `.panel_linear(x, panels)`, `.grouped_panel_linear(x, counts, panels, reverse)`, `.has_panel_linear()`), or None where it is turned off or cannot be built
     (then the reason is printed once)."""
     with _lock:
         if "ext" in _built:

@@ -10,8 +10,10 @@ from models import cpu_kernels
 from models.linear import PREPACK_MIN_ELEMENTS, Linear
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 17, 64, 130])
-@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (256, 300)])
+# rows: one 8-row tile or fewer (single panels); 9+ rows: 6-row-or-fewer tiles over panel pairs, spread
+# evenly (9 = 5+4, 17 = 6+6+5, 37 = 6+6+5+5+5+5+5); (264, 256) has an odd panel count: the last panel alone
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 17, 37, 64, 130])
+@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (256, 300), (264, 256)])
 def test_panel_linear_matches_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)
     w = torch.randn(out_features, in_features) * 0.05
@@ -51,7 +53,32 @@ def test_layout_choice(monkeypatch):
 def test_panel_linear_rejects_mismatched_inputs():
     ext = cpu_kernels.cpu_kernels()
     panels = torch.randn(4, 16, 8)
-    with pytest.raises(RuntimeError, match="expected x"):
+    with pytest.raises(RuntimeError, match="K = 15"):
         ext.panel_linear(torch.randn(3, 15), panels)
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="float32 x"):
         ext.panel_linear(torch.randn(3, 16).double(), panels.double())
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_panel_linear_matches_per_block_products(reverse):
+    """Row block w of x times weight w, all weights in one call: empty blocks, 1-8 rows (single panels)
+    and more (panel pairs), an odd panel count (264 outputs)."""
+    torch.manual_seed(0)
+    counts = [0, 1, 8, 9, 37, 0, 130, 3]
+    ws = [torch.randn(264, 256) * 0.05 for _ in counts]
+    lins = [Linear(w.clone()) for w in ws]
+    x = torch.randn(sum(counts), 256)
+    y = lins[0]._kernels.grouped_panel_linear(x, counts, [lin.panels for lin in lins], reverse)
+    want = torch.cat([F.linear(block, w) for block, w in zip(x.split(counts), ws)])
+    assert torch.allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_panel_linear_rejects_mismatched_inputs():
+    ext = cpu_kernels.cpu_kernels()
+    panels = [torch.randn(4, 16, 8), torch.randn(4, 16, 8)]
+    with pytest.raises(RuntimeError, match="sum to 5, x has 6 rows"):
+        ext.grouped_panel_linear(torch.randn(6, 16), [2, 3], panels, False)
+    with pytest.raises(RuntimeError, match="one row count per weight"):
+        ext.grouped_panel_linear(torch.randn(5, 16), [5], panels, False)
+    with pytest.raises(RuntimeError, match="weight 1 has 64 outputs, weight 0 has 32"):
+        ext.grouped_panel_linear(torch.randn(5, 16), [2, 3], [panels[0], torch.randn(8, 16, 8)], False)
