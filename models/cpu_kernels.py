@@ -25,7 +25,7 @@ their own torch builds), so they are ~300 lines of C++ built by `torch.utils.cpp
 rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
-The build needs a C++ compiler and takes ~40 s the first time; it is compiled for the machine it
+The build needs a C++ compiler and takes ~16 s the first time; it is compiled for the machine it
 runs on (-march=native; the build's folder names the CPU's feature flags, so a shared home
 directory never hands one node another's binary). Where it cannot be built, or with
 SHUTTLE_CPU_KERNELS=0, attention and linear layers use torch ops (oneDNN), and say so once.
@@ -84,7 +84,7 @@ def _build():
         except ImportError:   # not POSIX: torch's lock alone
             pass
         if not os.path.exists(os.path.join(folder, "shuttle_cpu_kernels.so")):
-            print(f"[shuttle] building the CPU kernels into {folder} (once per machine, ~40 s)", file=sys.stderr, flush=True)
+            print(f"[shuttle] building the CPU kernels into {folder} (once per machine, ~15-30 s)", file=sys.stderr, flush=True)
         return load(name="shuttle_cpu_kernels", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=folder, verbose=False)
 
