@@ -209,7 +209,7 @@ inline void panel_unit(const float* x, int64_t M, int64_t K, const float* panels
   }
 }
 
-// Panels j (and j+1) of one weight, for `rows` rows: single panels up to 8 rows, pairs beyond.
+// Panel j (and j+1 when `pair`) of weight `weight`, for all of that weight's rows.
 struct Unit {
   int64_t weight, j;
   bool pair;
@@ -218,7 +218,13 @@ struct Unit {
 void check_panels(const at::Tensor& panels, int64_t K, const char* what) {
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == 8 && panels.size(1) == K, what,
               ": expected panels [N/8, K, 8] with K = ", K, ", got ", panels.sizes());
-  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous(), what, ": contiguous float32 panels only");
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.device().is_cpu(), what,
+              ": contiguous float32 CPU panels only");
+}
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), what,
+              ": expected a contiguous float32 CPU x [M, K]");
 }
 
 }  // namespace
@@ -227,8 +233,7 @@ bool has_panel_linear() { return true; }
 
 // x [M, K], panels [N/8, K, 8] → [M, N]
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "panel_linear: expected a contiguous float32 x [M, K]");
+  check_rows(x, "panel_linear");
   check_panels(panels, x.size(1), "panel_linear");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), ldy = P * 8;
   auto y = at::empty({M, ldy}, x.options());
@@ -253,20 +258,22 @@ at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
 // cache is warm).
 at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels,
                                    bool reverse) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "grouped_panel_linear: expected a contiguous float32 x [M, K]");
-  TORCH_CHECK(counts.size() == panels.size() && !panels.empty(),
+  check_rows(x, "grouped_panel_linear");
+  TORCH_CHECK(!panels.empty(), "grouped_panel_linear: no weights");
+  TORCH_CHECK(counts.size() == panels.size(),
               "grouped_panel_linear: one row count per weight (", counts.size(), " counts, ", panels.size(), " weights)");
   const int64_t M = x.size(0), K = x.size(1);
   check_panels(panels[0], K, "grouped_panel_linear");
   const int64_t P = panels[0].size(0), ldy = P * 8;
   std::vector<int64_t> first(counts.size() + 1, 0);
+  std::vector<const float*> weight(counts.size());
   for (size_t w = 0; w < counts.size(); ++w) {
     TORCH_CHECK(counts[w] >= 0, "grouped_panel_linear: negative row count ", counts[w], " for weight ", w);
     first[w + 1] = first[w] + counts[w];
     check_panels(panels[w], K, "grouped_panel_linear");
     TORCH_CHECK(panels[w].size(0) == P, "grouped_panel_linear: weight ", w, " has ", panels[w].size(0) * 8,
                 " outputs, weight 0 has ", ldy);
+    weight[w] = panels[w].data_ptr<float>();
   }
   TORCH_CHECK(first.back() == M, "grouped_panel_linear: row counts sum to ", first.back(), ", x has ", M, " rows");
   auto y = at::empty({M, ldy}, x.options());
@@ -292,8 +299,8 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = bound(begin); u < bound(end); ++u) {
       const Unit& n = units[u];
-      panel_unit(xp + first[n.weight] * K, counts[n.weight], K, panels[n.weight].data_ptr<float>(), n.j, n.pair,
-                 yp + first[n.weight] * ldy, ldy);
+      panel_unit(xp + first[n.weight] * K, counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy,
+                 ldy);
     }
   });
   return y;

@@ -55,7 +55,7 @@ def test_panel_linear_rejects_mismatched_inputs():
     panels = torch.randn(4, 16, 8)
     with pytest.raises(RuntimeError, match="K = 15"):
         ext.panel_linear(torch.randn(3, 15), panels)
-    with pytest.raises(RuntimeError, match="float32 x"):
+    with pytest.raises(RuntimeError, match="float32 CPU x"):
         ext.panel_linear(torch.randn(3, 16).double(), panels.double())
 
 
