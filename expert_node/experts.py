@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointReader, read_expert
+from models.cpu_kernels import cpu_kernels
 from models.linear import Linear
 from models.spec import ModelSpec
 
@@ -74,13 +75,21 @@ class ExpertShard:
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
         self.last_counts = counts
         x = hidden[tokens]                                               # [p, H]
-        if (grouped := self.grouped.get(layer)) is not None:
-            kernels, up_panels, down_panels = grouped
-            h = kernels.grouped_panel_linear(x, counts, up_panels, reverse)               # [p, 2I]
-            inter = h.shape[1] // 2
-            y = kernels.grouped_panel_linear(F.silu(h[:, :inter]) * h[:, inter:], counts, down_panels, reverse)
-            y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
-            return out.index_add_(0, tokens, y)
+        grouped = self.grouped.get(layer)
+        y = self._grouped_ffn(x, counts, grouped, reverse) if grouped else self._looped_ffn(layer, x, counts, reverse)
+        y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
+        return out.index_add_(0, tokens, y)
+
+    @staticmethod
+    def _grouped_ffn(x: torch.Tensor, counts: list[int], grouped, reverse: bool) -> torch.Tensor:
+        """Every expert's FFN on its rows of x (grouped by expert) in two kernel calls → [p, H]."""
+        kernels, up_panels, down_panels = grouped
+        h = kernels.grouped_panel_linear(x, counts, up_panels, reverse)               # [p, 2I]
+        inter = h.shape[1] // 2
+        return kernels.grouped_panel_linear(F.silu(h[:, :inter]) * h[:, inter:], counts, down_panels, reverse)
+
+    def _looped_ffn(self, layer: int, x: torch.Tensor, counts: list[int], reverse: bool) -> torch.Tensor:
+        """The same, one expert at a time (weights the panel kernel does not hold) → [p, H]."""
         y = torch.empty_like(x)
         up, down = self.up[layer], self.down[layer]
         starts = [0]
@@ -92,15 +101,14 @@ class ExpertShard:
             if b > a:
                 gate, up_ = up[e](x[a:b]).chunk(2, dim=-1)                         # [c, I] each
                 y[a:b] = down[e](F.silu(gate) * up_)                               # [c, H]
-        y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
-        return out.index_add_(0, tokens, y)
+        return y
 
 
 def _grouped(up: list[Linear], down: list[Linear]):
     """(kernels, up panels, down panels) where every expert matrix of a layer is panel-packed, else None."""
     if not up or any(lin.panels is None for lin in up + down):
         return None
-    return up[0]._kernels, [lin.panels for lin in up], [lin.panels for lin in down]
+    return cpu_kernels(), [lin.panels for lin in up], [lin.panels for lin in down]
 
 
 def dense_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -227,57 +227,15 @@ void check_rows(const at::Tensor& x, const char* what) {
               ": expected a contiguous float32 CPU x [M, K]");
 }
 
-}  // namespace
-
-bool has_panel_linear() { return true; }
-
-// x [M, K], panels [N/8, K, 8] → [M, N]
-at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
-  check_rows(x, "panel_linear");
-  check_panels(panels, x.size(1), "panel_linear");
-  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), ldy = P * 8;
-  auto y = at::empty({M, ldy}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* pp = panels.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t width = M > 8 ? 2 : 1;
-  at::parallel_for(0, (P + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t j = u * width;
-      panel_unit(xp, M, K, pp, j, width == 2 && j + 1 < P, yp, ldy);
-    }
-  });
-  return y;
-}
-
-// Row block w of x (counts[w] rows, blocks in order) times weight w, for every weight at once:
-// x [M, K], counts [W] summing to M, panels W × [N/8, K, 8] → [M, N]. One parallel region for all
-// of them (not one per weight), split so that each thread gets an equal share of the estimated
-// time: a panel costs its weight stream (~6 rows' worth of FMAs at memory speed) plus its rows.
-// `reverse` takes the weights last to first (the expert rank alternates, to start where the
-// cache is warm).
-at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels,
-                                   bool reverse) {
-  check_rows(x, "grouped_panel_linear");
-  TORCH_CHECK(!panels.empty(), "grouped_panel_linear: no weights");
-  TORCH_CHECK(counts.size() == panels.size(),
-              "grouped_panel_linear: one row count per weight (", counts.size(), " counts, ", panels.size(), " weights)");
-  const int64_t M = x.size(0), K = x.size(1);
-  check_panels(panels[0], K, "grouped_panel_linear");
-  const int64_t P = panels[0].size(0), ldy = P * 8;
+// Row block w of x (counts[w] rows, blocks in order) times weight w (panels at weight[w], P of them):
+// y [M, P·8]. One parallel region for all the weights, split so that each thread gets an equal
+// share of the estimated time: a unit (a panel or a pair) costs its weight stream (~6 rows' worth of
+// FMAs at memory speed) plus its rows. `reverse` takes the weights last to first.
+void run_units(const float* xp, int64_t K, int64_t P, const std::vector<int64_t>& counts,
+               const std::vector<const float*>& weight, bool reverse, float* yp) {
+  const int64_t ldy = P * 8;
   std::vector<int64_t> first(counts.size() + 1, 0);
-  std::vector<const float*> weight(counts.size());
-  for (size_t w = 0; w < counts.size(); ++w) {
-    TORCH_CHECK(counts[w] >= 0, "grouped_panel_linear: negative row count ", counts[w], " for weight ", w);
-    first[w + 1] = first[w] + counts[w];
-    check_panels(panels[w], K, "grouped_panel_linear");
-    TORCH_CHECK(panels[w].size(0) == P, "grouped_panel_linear: weight ", w, " has ", panels[w].size(0) * 8,
-                " outputs, weight 0 has ", ldy);
-    weight[w] = panels[w].data_ptr<float>();
-  }
-  TORCH_CHECK(first.back() == M, "grouped_panel_linear: row counts sum to ", first.back(), ", x has ", M, " rows");
-  auto y = at::empty({M, ldy}, x.options());
-  if (M == 0) return y;
+  for (size_t w = 0; w < counts.size(); ++w) first[w + 1] = first[w] + counts[w];
   std::vector<Unit> units;
   std::vector<double> cost{0.0};                   // prefix sums of the units' estimated time
   for (size_t i = 0; i < counts.size(); ++i) {
@@ -290,9 +248,8 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
       cost.push_back(cost.back() + (pair ? 2 : 1) * (6.0 + counts[w]));
     }
   }
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units.size()));
+  if (units.empty()) return;
+  const int64_t T = std::min<int64_t>(at::get_num_threads(), units.size());
   auto bound = [&](int64_t t) {                    // first unit of thread t's share
     return std::lower_bound(cost.begin(), cost.end() - 1, cost.back() * t / T) - cost.begin();
   };
@@ -303,6 +260,47 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
                  ldy);
     }
   });
+}
+
+}  // namespace
+
+bool has_panel_linear() { return true; }
+
+// x [M, K], panels [N/8, K, 8] → [M, N]
+at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
+  check_rows(x, "panel_linear");
+  check_panels(panels, x.size(1), "panel_linear");
+  auto y = at::empty({x.size(0), panels.size(0) * 8}, x.options());
+  run_units(x.data_ptr<float>(), x.size(1), panels.size(0), {x.size(0)}, {panels.data_ptr<float>()}, false,
+            y.data_ptr<float>());
+  return y;
+}
+
+// Every weight at once, each on its own rows: x [M, K], counts [W] summing to M, panels W × [N/8, K, 8]
+// → [M, N] (row block w of x times weight w). `reverse` takes the weights last to first (the expert
+// rank alternates, to start where the cache is warm).
+at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels,
+                                bool reverse) {
+  check_rows(x, "grouped_panel_linear");
+  TORCH_CHECK(!panels.empty(), "grouped_panel_linear: no weights");
+  TORCH_CHECK(counts.size() == panels.size(),
+              "grouped_panel_linear: one row count per weight (", counts.size(), " counts, ", panels.size(), " weights)");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_panels(panels[0], K, "grouped_panel_linear");
+  const int64_t P = panels[0].size(0);
+  std::vector<const float*> weight(counts.size());
+  int64_t rows = 0;
+  for (size_t w = 0; w < counts.size(); ++w) {
+    TORCH_CHECK(counts[w] >= 0, "grouped_panel_linear: negative row count ", counts[w], " for weight ", w);
+    rows += counts[w];
+    check_panels(panels[w], K, "grouped_panel_linear");
+    TORCH_CHECK(panels[w].size(0) == P, "grouped_panel_linear: weight ", w, " has ", panels[w].size(0) * 8,
+                " outputs, weight 0 has ", P * 8);
+    weight[w] = panels[w].data_ptr<float>();
+  }
+  TORCH_CHECK(rows == M, "grouped_panel_linear: row counts sum to ", rows, ", x has ", M, " rows");
+  auto y = at::empty({M, P * 8}, x.options());
+  run_units(x.data_ptr<float>(), K, P, counts, weight, reverse, y.data_ptr<float>());
   return y;
 }
 
