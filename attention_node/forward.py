@@ -13,18 +13,17 @@ expert ranks consume. With m = 1 the same code runs without overlap.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
 
 from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
+from attention_node.trace import StepTrace
 from attention_node.weights import AttentionWeights, LayerWeights
 from models.linear import Linear
 from models.spec import ModelSpec
-from scheduler.messages import TraceEvent
-from transfer.base import AttentionTransfer
+from transfer.base import AttentionEndpoint
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,19 +77,12 @@ class RotaryTable:
 
 class AttentionForward:
     def __init__(self, spec: ModelSpec, weights: AttentionWeights, cache: PagedKVCache, rotary: RotaryTable,
-                 transfer: AttentionTransfer | None):
+                 transfer: AttentionEndpoint):
         self.spec = spec
         self.w = weights
         self.cache = cache
         self.rotary = rotary
         self.transfer = transfer
-        self.wait_s = 0.0  # time spent blocked on combines in the current step (for profiles)
-        self.trace: list[TraceEvent] | None = None  # a list while the current step is traced
-        self.rank = 0
-
-    def _span(self, step: int, layer: int, micro_batch: int, phase: str, start: float, end: float | None = None) -> None:
-        if self.trace is not None:
-            self.trace.append(TraceEvent("attention", self.rank, step, layer, micro_batch, phase, start, end or time.time()))
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
                   cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -107,11 +99,11 @@ class AttentionForward:
         o = paged_attention(q, k, v, self.cache, layer, batch)           # [T, h, d]
         return lw.o(o.reshape(T, -1))
 
-    def program(self, step: int, micro_batch: int, input_ids: torch.Tensor,
-                batch: AttentionBatch) -> Generator[None, None, torch.Tensor]:
+    def program(self, step: int, micro_batch: int, input_ids: torch.Tensor, batch: AttentionBatch,
+                trace: StepTrace) -> Generator[None, None, torch.Tensor]:
         """One micro-batch through every layer; returns the final hidden states [N, H] of its sampled rows."""
         s = self.spec
-        t_start = time.time()
+        trace.compute_starts(micro_batch)
         h = self.w.embed[input_ids]                                       # [T, H]
         cos_sin = self.rotary.at(batch.positions)
         for layer, lw in enumerate(self.w.layers):
@@ -122,23 +114,17 @@ class AttentionForward:
                 h = h + swiglu(x, lw.ffn_up, lw.ffn_down)
                 continue
             ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
-            # Stamped before the send: the experts may start (and this process be preempted) before
-            # a stamp after it. With a shared expert the span runs on to cover it (it overlaps the round trip).
-            t_launch = time.time()
+            if lw.ffn_up is None:
+                trace.compute_ends(layer, micro_batch)
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
             shared = None
-            if lw.ffn_up is not None:                                     # shared expert overlaps the round trip
+            if lw.ffn_up is not None:       # the shared expert overlaps the round trip (and its span covers it)
                 shared = torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
-            self._span(step, layer, micro_batch, "attention", t_start, t_launch if shared is None else None)
+                trace.compute_ends(layer, micro_batch)
             yield
-            t0 = time.perf_counter()
-            t_wait = time.time()
-            routed = self.transfer.combine_wait(handle)
-            self.wait_s += time.perf_counter() - t0
-            self._span(step, layer, micro_batch, "wait", t_wait)
-            t_start = time.time()
+            routed = trace.wait(layer, micro_batch, lambda: self.transfer.combine_wait(handle))
             h = h + routed if shared is None else h + (routed + shared)
-        self._span(step, -1, micro_batch, "attention", t_start)
+        trace.compute_ends(-1, micro_batch)
         return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -14,23 +14,26 @@ import torch
 from attention_node.forward import AttentionForward, RotaryTable, run_pingpong
 from attention_node.paged_attention import AttentionBatch, PagedKVCache
 from attention_node.sampler import sample
+from attention_node.trace import StepTrace
 from attention_node.weights import load_attention_weights
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.messages import PENDING_TOKEN, SampledToken, SeqChunk, StepPlan, StepResult, TraceEvent
+from scheduler.messages import PENDING_TOKEN, SampledToken, SeqChunk, StepPlan, StepResult
 from scheduler.request import SamplingParams
-from transfer.base import AttentionTransfer
+from transfer.base import AttentionEndpoint
 
 
 LM_HEAD_ROWS = 128
-# A step of at most this many tokens runs its layers on `AttentionRank.threads[0]` (see there).
+# A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
 SMALL_STEP_TOKENS = 128
 
 
 class AttentionRank:
     def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
-                 device: str = "cpu"):
+                 transfer: AttentionEndpoint, device: str = "cpu", threads: tuple[int, int] | None = None):
+        """threads: (for the layers of a step of ≤ SMALL_STEP_TOKENS tokens, for everything else); None
+        leaves torch's setting alone."""
         self.rank = rank
         self.spec = spec
         self.device = torch.device(device)
@@ -42,18 +45,10 @@ class AttentionRank:
         self.cache = PagedKVCache(spec.num_layers, limits.kv_blocks_per_rank, limits.block_size,
                                   spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
         rotary = RotaryTable(spec.head_dim, spec.rope_theta, limits.max_model_len, self.dtype, self.device)
-        self.forward = AttentionForward(spec, weights, self.cache, rotary, transfer=None)
-        self.forward.rank = rank
+        self.forward = AttentionForward(spec, weights, self.cache, rotary, transfer)
         self.params: dict[str, SamplingParams] = {}
         self.last_sampled: dict[str, int] = {}   # request → the token this rank sampled for it last (feeds PENDING_TOKEN)
-        # (threads for the layers of a step of ≤ SMALL_STEP_TOKENS tokens, threads for everything else):
-        # None leaves torch's setting alone. A decode step's layer work is many small ops, where more
-        # OpenMP threads add fork/join and, on cores shared with an expert rank, idle threads spinning on
-        # the cores the experts need; the LM head and prefill-sized layers are big enough to share.
-        self.threads: tuple[int, int] | None = None
-
-    def connect(self, transfer: AttentionTransfer) -> None:
-        self.forward.transfer = transfer
+        self.threads = threads
 
     def _tokens(self, chunk: SeqChunk) -> list[int]:
         """The chunk's token ids, its PENDING_TOKEN (the head had not seen it) replaced by the one sampled here."""
@@ -73,8 +68,7 @@ class AttentionRank:
             self.last_sampled.pop(request_id, None)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling
-        self.forward.wait_s = 0.0
-        self.forward.trace = [] if plan.trace else None
+        trace = StepTrace(self.rank, plan.step, keep_spans=plan.trace)
         programs, sampled = [], []
         if self.threads is not None:
             tokens = sum(len(c.token_ids) for chunks in plan.micro_batches for c in chunks)
@@ -82,7 +76,7 @@ class AttentionRank:
         for j, chunks in enumerate(plan.micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
             input_ids = torch.tensor([t for c in chunks for t in self._tokens(c)], dtype=torch.long, device=self.device)
-            programs.append(self.forward.program(plan.step, j, input_ids, batch))
+            programs.append(self.forward.program(plan.step, j, input_ids, batch, trace))
             sampled += [c for c in chunks if c.sample]
         t1 = time.perf_counter()
         hidden = torch.cat(run_pingpong(programs))                    # [N, H], rows in `sampled` order
@@ -100,9 +94,11 @@ class AttentionRank:
             tokens += [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
                        for i, (c, t, lp) in enumerate(zip(chunks, ids, logprobs))]
             self.last_sampled.update((c.request_id, t) for c, t in zip(chunks, ids))
-        if self.forward.trace is not None:
-            self.forward.trace.append(TraceEvent("attention", self.rank, plan.step, -1, -1, "lm_head", t_wall, time.time()))
+        trace.lm_head(t_wall)
         t3 = time.perf_counter()
-        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": self.forward.wait_s, "lm_head_sample": t3 - t2}
-        trace, self.forward.trace = self.forward.trace or [], None
-        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace)
+        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": trace.wait_s, "lm_head_sample": t3 - t2}
+        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace.events)
+
+    def close(self) -> None:
+        """Tell the expert ranks this rank is done and leave the data plane."""
+        self.forward.transfer.close()

@@ -3,10 +3,10 @@
 `Deployment.start(model_dir, config)` starts (or joins) Ray, takes each node's inventory and decides
 where every rank runs (`cluster/roles.py`: declared role resources, else GPU models, else CPU
 slots), checks that the rank nodes reach each other, reserves one placement group for the
-attention ranks and one for the expert ranks (each bundle pinned to its node), creates the actors,
-has them load their weights, opens the data plane (a TCPStore hosted here on a free port, on this
-node's cluster address; gloo, or NCCL when every rank has its own GPU), and starts the expert
-loops. It is the `RankGroup` the head's Engine steps. `shutdown()` ends the expert loops, kills
+attention ranks and one for the expert ranks (each bundle pinned to its node), hosts the data
+plane's rendezvous (a TCPStore on a free port, on this node's cluster address; gloo, or NCCL when
+every rank has its own GPU), creates the actors (each joins the data plane, then loads its
+weights) and starts the expert loops. It is the `RankGroup` the head's Engine steps. `shutdown()` ends the expert loops, kills
 the actors, removes the placement groups and, if it started Ray, stops it: nothing is left running.
 """
 
@@ -29,11 +29,13 @@ from cluster.ray_env import local_ray_env, start_ray
 from cluster.reach import ReachProbe
 from cluster.roles import PlacementError, RankLayout, plan_layout
 from expert_node.actor import ExpertRankActor
+from models.linear import useful_threads
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
 from scheduler.messages import StepPlan, StepResult
 from scheduler.placement import Placement
+from transfer.base import DataPlane
 
 log = logging.getLogger("shuttle.deployment")
 
@@ -50,18 +52,10 @@ def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLim
     return spec, limits, Placement.contiguous(spec.num_experts, config.expert_ranks)
 
 
-def default_threads(config: EngineConfig, cores: int) -> int:
-    """With one micro-batch the attention ranks and the expert ranks take turns, so each side may use
-    all the node's cores; with ping-pong both sides run at once and share them (oversubscribing
-    2 cores with 4 threads measured 1.5-2x slower per step)."""
-    if config.micro_batches == 1:
-        return max(1, cores // max(config.attention_ranks, config.expert_ranks))
-    return max(1, cores // (config.attention_ranks + config.expert_ranks))
-
-
 class Deployment(RankGroup):
     def __init__(self, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, placement: Placement,
-                 attention, experts, groups, store, serve_refs, owns_ray: bool):
+                 layout: RankLayout, nodes: list[NodeInventory], attention, experts, groups, store, serve_refs,
+                 owns_ray: bool):
         self.spec, self.config, self.limits, self.placement = spec, config, limits, placement
         self.attention = attention
         self.experts = experts
@@ -70,8 +64,8 @@ class Deployment(RankGroup):
         self._serve_refs = serve_refs
         self._owns_ray = owns_ray
         self._closed = False
-        self.layout: RankLayout | None = None       # where the ranks run (cluster.roles)
-        self.nodes: list[NodeInventory] = []
+        self.layout = layout        # where the ranks run (cluster.roles)
+        self.nodes = nodes
 
     # ---- bring-up ------------------------------------------------------------------------
     @classmethod
@@ -107,6 +101,7 @@ class Deployment(RankGroup):
                 _check_reach(layout, by_id, host, reach_timeout_s)
             threads = {i: config.threads_per_rank or _threads(config, layout, by_id[i]) for i in layout.nodes_used()}
             small = {i: _small_step_threads(config, layout, i) for i in layout.nodes_used()}
+            useful = {i: threads[i] if config.threads_per_rank else useful_threads(spec, threads[i]) for i in threads}
 
             for side, node_ids in (("attention", layout.attention_nodes), ("expert", layout.expert_nodes)):
                 bundles = [layout.bundle(side)] * len(node_ids)
@@ -129,23 +124,22 @@ class Deployment(RankGroup):
                 return dict(num_cpus=layout.cpus_per_rank, runtime_env={"env_vars": env[node_id]},
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **extra)
 
-            dev = layout.device
-            attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
-                         .remote(i, spec, config, limits, model_dir, dev, threads[n], small[n])
-                         for i, n in enumerate(layout.attention_nodes)]
-            experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
-                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, threads[n])
-                       for i, n in enumerate(layout.expert_nodes)]
-            progress("loading weights")
-            names = [f"attention rank {i}" for i in range(len(attention))] + [f"expert rank {i}" for i in range(len(experts))]
-            _get([a.check_health.remote() for a in attention + experts], 600, "load weights", names)
             progress(f"opening the data plane ({layout.backend}, rendezvous {host})")
             store = dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=120))
-            world = config.attention_ranks + config.expert_ranks
-            joins = [a.join_data_plane.remote(host, store.port, world, layout.backend, list(placement.owner)) for a in attention]
-            joins += [e.join_data_plane.remote(host, store.port, world, layout.backend) for e in experts]
-            _get(joins, 120, "join the data plane", names)
+            plane = DataPlane(layout.backend, host, store.port, config.attention_ranks, tuple(placement.owner),
+                              spec.hidden_size, spec.top_k, config.dtype, config.transfer_timeout_s)
+            dev = layout.device
+            attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
+                         .remote(i, spec, config, limits, model_dir, dev,
+                                 (min(useful[n], small[n] or useful[n]), useful[n]), plane)
+                         for i, n in enumerate(layout.attention_nodes)]
+            experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
+                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, useful[n], plane)
+                       for i, n in enumerate(layout.expert_nodes)]
+            progress("joining the data plane and loading weights")
+            names = [f"attention rank {i}" for i in range(len(attention))] + [f"expert rank {i}" for i in range(len(experts))]
+            _get([a.check_health.remote() for a in attention + experts], 600, "load weights", names)
             serve_refs = [e.serve.remote() for e in experts]
         except BaseException:
             for pg in groups:
@@ -154,9 +148,7 @@ class Deployment(RankGroup):
                 ray.shutdown()
             raise
         progress("ready")
-        dep = cls(spec, config, limits, placement, attention, experts, groups, store, serve_refs, owns_ray)
-        dep.layout, dep.nodes = layout, nodes
-        return dep
+        return cls(spec, config, limits, placement, layout, nodes, attention, experts, groups, store, serve_refs, owns_ray)
 
     # ---- the RankGroup contract ----------------------------------------------------------
     def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
@@ -287,15 +279,20 @@ def _check_reach(layout: RankLayout, by_id: dict, host: str, timeout_s: float) -
 
 
 def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
-    """ray.get with a deadline; failures name the rank and carry the rank's own error text."""
+    """ray.get with a deadline, in completion order, so the first rank to fail is the one named (not a
+    peer left waiting on it); failures carry the rank's own error text."""
     names = names or [f"rank {i}" for i in range(len(refs))]
     deadline = time.monotonic() + timeout_s
-    values = []
-    for i, ref in enumerate(refs):
+    pending = {ref: i for i, ref in enumerate(refs)}
+    values: list = [None] * len(refs)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            late = ", ".join(names[i] for i in sorted(pending.values()))
+            raise DeploymentError(f"{what}: {late} did not answer within {timeout_s:g}s")
+        i = pending.pop(ready[0])
         try:
-            values.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-        except ray.exceptions.GetTimeoutError:
-            raise DeploymentError(f"{what}: {names[i]} did not answer within {timeout_s:g}s") from None
+            values[i] = ray.get(ready[0])
         except ray.exceptions.RayTaskError as e:   # the rank raised: its own message says what happened
             cause = e.cause if e.cause is not None else e
             text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
@@ -305,7 +302,7 @@ def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
     return values
 
 
-def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None,
-                 **start_options) -> Engine:
+def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None, *,
+                 return_logits: bool = False, record_trace: bool = False, **start_options) -> Engine:
     deployment = Deployment.start(model_dir, config, address, progress, **start_options)
-    return Engine(config, deployment.limits, deployment)
+    return Engine(config, deployment.limits, deployment, return_logits=return_logits, record_trace=record_trace)

@@ -8,36 +8,24 @@ import os
 import torch
 
 from expert_node.rank import ExpertRank
-from models.checkpoint import torch_dtype
-from models.linear import useful_threads
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig
-from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane, leave_data_plane
+from transfer.base import EXPERT, DataPlane, connect
 
 
 class ExpertRankActor:
     def __init__(self, rank: int, spec: ModelSpec, experts: list[int], config: EngineConfig, model_dir: str,
-                 device: str, threads: int):
-        self.threads = threads if config.threads_per_rank else useful_threads(spec, threads)
-        self.config = config
-        self.worker = ExpertRank(rank, spec, experts, config.dtype, model_dir, device)
-        self.transfer: TorchDistExpertTransfer | None = None
-
-    def join_data_plane(self, host: str, port: int, world_size: int, backend: str) -> None:
-        cfg, w = self.config, self.worker
-        init_data_plane(host, port, cfg.attention_ranks + w.rank, world_size, backend)
-        self.transfer = TorchDistExpertTransfer(w.rank, cfg.attention_ranks, w.spec.hidden_size, w.spec.top_k,
-                                                torch_dtype(cfg.dtype), w.device,
-                                                cfg.transfer_timeout_s, backend)
+                 device: str, threads: int, plane: DataPlane):
+        """Joins the data plane (returns once every rank has), then loads this rank's experts."""
+        self.threads = threads
+        transfer = connect(plane, EXPERT, rank, device)
+        self.worker = ExpertRank(rank, spec, experts, config.dtype, model_dir, transfer, device)
 
     def serve(self) -> dict:
         # Ray runs this on a worker thread of the (threaded) actor; OpenMP's thread count is per
         # thread, so set it here or the experts run on one thread whatever __init__ said.
         torch.set_num_threads(self.threads)
-        try:
-            return self.worker.serve(self.transfer)
-        finally:
-            leave_data_plane()
+        return self.worker.serve()
 
     def check_health(self) -> dict:
         return {"rank": self.worker.rank, "pid": os.getpid(), "experts": self.worker.shard.experts,

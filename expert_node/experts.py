@@ -11,10 +11,9 @@ partial sums.
 Where every expert weight of a layer is packed for Shuttle's CPU panel kernel (models/linear.py), the
 layer's experts run as two grouped calls (`grouped_panel_linear`: every expert's up projection in one
 parallel region, then every down projection) with one SiLU·up over all rows between them, instead of
-a Python loop of ~6 small ops per expert. Bench model (16 experts, H 512, I 1024, top-2), all 8 layers
-in one process on 2 threads, medians of 7 interleaved: 8 tokens 18.6 vs 22.1 ms, 64 tokens 38.4 vs
-44.7, 300 tokens 98.8 vs 110.4 (with the rank's malloc settings, cluster/ray_env.py: without them the
-grouped layer's multi-MB activations page-fault on every call and 300 tokens took longer than the loop).
+a Python loop of ~6 small ops per expert (measurements: docs/performance.md). It relies on the rank's
+malloc settings (cluster/ray_env.py): without them the grouped layer's multi-MB activations
+page-fault on every call.
 """
 
 from __future__ import annotations
@@ -109,17 +108,3 @@ def _grouped(up: list[Linear], down: list[Linear]):
     if not up or any(lin.panels is None for lin in up + down):
         return None
     return cpu_kernels(), [lin.panels for lin in up], [lin.panels for lin in down]
-
-
-def dense_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Every expert over every token, masked by routing: slow, obviously right (a test oracle).
-
-    w13 [E, 2I, H], w2 [E, H, I] for all E experts."""
-    out = torch.zeros_like(hidden)
-    for e in range(w13.shape[0]):
-        gate, up = F.linear(hidden, w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])                               # [n, H]
-        weight = (topk_weights * (topk_ids == e)).sum(-1, keepdim=True)      # [n, 1]
-        out += weight.to(y.dtype) * y
-    return out

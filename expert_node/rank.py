@@ -1,6 +1,6 @@
 """ExpertRank: a plain class; `actor.py` wraps it for Ray.
 
-Driven by data, not calls: `serve()` loops on the transfer — wait for the next (layer, micro-batch)
+Driven by data, not calls: `serve()` loops on its transfer endpoint — wait for the next (layer, micro-batch)
 from every attention rank, run the grouped experts over all their tokens at once, send each
 attention rank its rows back — until every attention rank has sent its shutdown header.
 """
@@ -16,15 +16,16 @@ from expert_node.experts import ExpertShard
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
 from scheduler.messages import TraceEvent
-from transfer.base import ExpertTransfer
+from transfer.base import ExpertEndpoint
 
 TRACE_EVENTS_KEPT = 200_000
 
 
 class ExpertRank:
     def __init__(self, rank: int, spec: ModelSpec, experts: list[int], dtype: str, model_dir: str,
-                 device: str = "cpu"):
+                 transfer: ExpertEndpoint, device: str = "cpu"):
         self.rank = rank
+        self.transfer = transfer
         self.spec = spec
         self.device = torch.device(device)
         reader = CheckpointReader(model_dir)
@@ -41,32 +42,36 @@ class ExpertRank:
         self._hit: set[int] = set()
 
     @torch.inference_mode()
-    def serve(self, transfer: ExpertTransfer) -> dict:
-        """Run until shutdown; returns counters (micro-batches, tokens, seconds computing and waiting)."""
-        while True:
-            t0 = time.perf_counter()
-            batch = transfer.dispatch_wait()
-            t1 = time.perf_counter()
-            t_start = time.time()
-            self.stats["wait_s"] += t1 - t0
-            if batch is None:
-                transfer.close()
-                return dict(self.stats)
-            counts = [h.shape[0] for h in batch.hidden]
-            join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
-            out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
-                                     reverse=batch.micro_batch % 2 == 1)
-            # The span ends when the outputs exist: the combine can land before this process gets to stamp
-            # a time after sending it.
-            t_end = time.time()
-            transfer.combine_launch(batch, list(out.split(counts)))
-            self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
-                                         t_start, t_end, sum(counts)))
-            self.stats["micro_batches"] += 1
-            self.stats["tokens"] += sum(counts)
-            self.stats["empty_messages"] += counts.count(0)
-            self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
-            self.stats["compute_s"] += time.perf_counter() - t1
+    def serve(self) -> dict:
+        """Run until every attention rank has shut down, then leave the data plane; returns the counters."""
+        try:
+            while (batch := self._next()) is not None:
+                t1 = time.perf_counter()
+                t_start = time.time()
+                counts = [h.shape[0] for h in batch.hidden]
+                join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
+                out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
+                                         reverse=batch.micro_batch % 2 == 1)
+                # The span ends when the outputs exist: the combine can land before this process gets to stamp
+                # a time after sending it.
+                t_end = time.time()
+                self.transfer.combine_launch(batch, list(out.split(counts)))
+                self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
+                                             t_start, t_end, sum(counts)))
+                self.stats["micro_batches"] += 1
+                self.stats["tokens"] += sum(counts)
+                self.stats["empty_messages"] += counts.count(0)
+                self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
+                self.stats["compute_s"] += time.perf_counter() - t1
+        finally:
+            self.transfer.close()
+        return dict(self.stats)
+
+    def _next(self):
+        t0 = time.perf_counter()
+        batch = self.transfer.dispatch_wait()
+        self.stats["wait_s"] += time.perf_counter() - t0
+        return batch
 
     def _count_reads(self, key: tuple[int, int], hit: list[int]) -> None:
         if key != self._hit_key:

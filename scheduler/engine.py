@@ -61,13 +61,16 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, limits: EngineLimits, ranks: RankGroup):
+    def __init__(self, config: EngineConfig, limits: EngineLimits, ranks: RankGroup, *,
+                 return_logits: bool = False, record_trace: bool = False):
+        """return_logits: every output carries the logits its token came from (tests); record_trace: the
+        attention ranks' TraceEvents of every step accumulate in `trace` (timelines)."""
         self.config = config
         self.limits = limits
         self.ranks = ranks
         self.scheduler = Scheduler(config, limits)
-        self.return_logits = False
-        self.record_trace = False       # when True, attention-rank TraceEvents accumulate in `trace`
+        self.return_logits = return_logits
+        self.record_trace = record_trace
         self.trace: list = []
         self._in_flight: list[object] = []   # handles of launched steps, oldest first
 

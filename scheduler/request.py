@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 
 
 class InvalidRequest(ValueError):
-    """A request that can never be served; `field` names the offending input."""
+    """A request that can never be served; `field` names the offending input, `reason` says why.
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
+    The front door renames `field` into its own terms (the gRPC mapping: `sampling.top_p`) and
+    keeps `reason`, so every rule is written once, here or in `validate_request`."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"{field_name}: {reason}")
         self.field = field_name
+        self.reason = reason
 
 
 class FinishReason(str, enum.Enum):
@@ -30,7 +34,10 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 means greedy.
+
+    The one place the values' own rules are checked (at construction, InvalidRequest naming the
+    field); what depends on the deployment (vocabulary, context, KV) is `validate_request`'s."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -44,14 +51,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise InvalidRequest("temperature", f"must be a number >= 0, got {self.temperature!r}")
-        if math.isinf(self.temperature):
-            raise InvalidRequest("temperature", "must be finite")
-        if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+            raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 is greedy), got {t!r}")
+        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and self.seed < 0:
+            raise InvalidRequest("seed", f"must be >= 0, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -30,12 +30,18 @@ class QueueFull(RuntimeError):
 
 
 def validate_request(lim: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-    """Raise InvalidRequest (naming the field) for a request this deployment can never serve."""
+    """Raise InvalidRequest (naming the field) for a request this deployment can never serve.
+
+    Called once, where a request enters (the server's `AsyncEngine.submit`, `shuttle run`): the
+    scheduler itself trusts what it is given. SamplingParams checked its own values when built."""
     if not prompt_token_ids:
         raise InvalidRequest("prompt", "is empty")
     bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < lim.vocab_size]
     if bad:
         raise InvalidRequest("token_ids", f"{bad[:5]} outside the vocabulary [0, {lim.vocab_size})")
+    bad = [t for t in sampling.stop_token_ids if not 0 <= t < lim.vocab_size]
+    if bad:
+        raise InvalidRequest("stop_token_ids", f"{bad[:5]} outside the vocabulary [0, {lim.vocab_size})")
     if len(prompt_token_ids) >= lim.max_model_len:
         raise InvalidRequest("prompt", f"has {len(prompt_token_ids)} tokens; the context holds {lim.max_model_len} (prompt plus output)")
     if len(prompt_token_ids) + sampling.max_tokens > lim.max_model_len:
@@ -60,9 +66,9 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
-        validate_request(self.limits, prompt_token_ids, sampling)
-        if request_id in self.requests:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+        """Queue a request; raises only QueueFull. Trusts its input: the caller has run
+        `validate_request` and made sure `request_id` is not in flight (a request that could never
+        fit would wait forever, a reused id would replace a live request)."""
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} requests waiting)")
         if sampling.seed is None:  # every request samples from its own seed: reproducible, batch-independent

@@ -15,8 +15,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shuttle.v1 import generation_pb2 as pb
-from shuttle.v1 import generation_pb2_grpc as pb_grpc
+from serving.v1 import generation_pb2 as pb
+from serving.v1 import generation_pb2_grpc as pb_grpc
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
 

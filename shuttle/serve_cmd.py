@@ -64,7 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 # ---- shuttle serve ---------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    from scheduler.server import ServerOptions
+    from serving.server import ServerOptions
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     options = ServerOptions(host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
@@ -85,8 +85,7 @@ def _say(msg: str) -> None:
 
 
 async def _serve(args: argparse.Namespace, options) -> int:
-    from scheduler.async_engine import AsyncEngine
-    from scheduler.server import Server
+    from serving.server import Server
     from shuttle.cli import engine_config
     from shuttle.plan_file import load_plan_values
     from shuttle.run_cmd import resolve_model
@@ -109,12 +108,10 @@ async def _serve(args: argparse.Namespace, options) -> int:
         model_dir = await loop.run_in_executor(None, resolve_model, args.model)
         engine, model = await loop.run_in_executor(None, _load, model_dir, config, args.address)
     except BaseException:
-        await server._grpc.stop(grace=None)
+        await server.drain(grace_s=0)   # no engine yet: just stops the server
         raise
     handle_signals()  # again: starting Ray installs its own SIGTERM handler, which aborts the process
-    async_engine = AsyncEngine(engine)
-    async_engine.start(loop)
-    await server.attach(async_engine, model)
+    await server.attach(engine, model)
     _say(f"serving {model.name} ({model.family}, {config.attention_ranks} attention + {config.expert_ranks} expert ranks, "
          f"{config.micro_batches} micro-batches) after {time.monotonic() - t0:.1f}s; health SERVING")
     example = '"Hello"' if model.tokenizer else "--prompt-ids 1,2,3"
@@ -125,10 +122,10 @@ async def _serve(args: argparse.Namespace, options) -> int:
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
     if server.failed.is_set():
-        _say(f"engine failed: {async_engine.error}; shutting down")
+        _say(f"engine failed: {server.engine_error}; shutting down")
         await server.drain(grace_s=0)
         return 1
-    _say(f"draining: up to {options.drain_grace_s:g}s for {len(server._jobs)} in-flight requests")
+    _say(f"draining: up to {options.drain_grace_s:g}s for {server.calls_in_flight} in-flight requests")
     await server.drain()
     _say("stopped")
     return 0
@@ -137,7 +134,7 @@ async def _serve(args: argparse.Namespace, options) -> int:
 def _load(model_dir: str, config, address: str | None):
     """Build the deployment and describe it for clients (blocking: runs on a worker thread)."""
     from cluster.deployment import build_engine
-    from scheduler.server import ServedModel
+    from serving.server import ServedModel
     engine = build_engine(model_dir, config, address=address, progress=_say)
     spec, placement = engine.ranks.spec, engine.ranks.placement
     tokenizer = None
@@ -183,7 +180,7 @@ def generate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     if not args.json and last is not None:
-        from shuttle.v1 import generation_pb2 as pb
+        from serving.v1 import generation_pb2 as pb
         reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
         t = last.timing
         print(f"\n[{reason}: {last.usage.completion_tokens} tokens, first token {t.time_to_first_token_s * 1000:.0f} ms, "

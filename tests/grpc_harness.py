@@ -6,8 +6,7 @@ import asyncio
 import datetime
 import threading
 
-from scheduler.async_engine import AsyncEngine
-from scheduler.server import Server, ServerOptions
+from serving.server import Server, ServerOptions
 
 
 class ServerThread:
@@ -19,7 +18,6 @@ class ServerThread:
         self.server: Server = self.call(self._make())
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"
-        self.async_engine: AsyncEngine | None = None
 
     async def _make(self) -> Server:
         return Server(self.options)  # built on the loop: its asyncio objects belong to it
@@ -28,20 +26,13 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def attach(self, engine, model) -> "ServerThread":
-        async def attach():
-            self.async_engine = AsyncEngine(engine)
-            self.async_engine.start()
-            await self.server.attach(self.async_engine, model)
-        self.call(attach())
+        self.call(self.server.attach(engine, model))
         return self
 
     def drain(self, grace_s: float = 5.0) -> None:
         """Drain and stop the server (and the engine), then end the loop thread."""
         try:
-            if self.async_engine is None:
-                self.call(self.server._grpc.stop(grace=None))
-            else:
-                self.call(self.server.drain(grace_s), timeout=grace_s + 120)
+            self.call(self.server.drain(grace_s), timeout=grace_s + 120)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)

@@ -14,10 +14,10 @@ from models.spec import load_spec
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
 from scheduler.placement import Placement
-from transfer.base import AttentionTransfer
+from transfer.base import AttentionEndpoint
 
 
-class DirectTransfer(AttentionTransfer):
+class DirectTransfer(AttentionEndpoint):
     def __init__(self, shards: list[ExpertShard]):
         self.shards = shards
 
@@ -40,9 +40,8 @@ class LocalRanks(RankGroup):
         dtype = torch_dtype(config.dtype)
         shards = [ExpertShard.load(spec, CheckpointReader(model_dir), placement.experts_of(r), dtype, torch.device(device))
                   for r in range(config.expert_ranks)]
-        self.attention = [AttentionRank(i, spec, config, self.limits, model_dir, device) for i in range(config.attention_ranks)]
-        for a in self.attention:
-            a.connect(DirectTransfer(shards))
+        self.attention = [AttentionRank(i, spec, config, self.limits, model_dir, DirectTransfer(shards), device)
+                          for i in range(config.attention_ranks)]
 
     def run_step(self, plans):
         return [a.step(p) for a, p in zip(self.attention, plans)]
@@ -51,6 +50,6 @@ class LocalRanks(RankGroup):
         pass
 
 
-def local_engine(model_dir: str, config: EngineConfig, device: str = "cpu") -> Engine:
+def local_engine(model_dir: str, config: EngineConfig, device: str = "cpu", **engine_options) -> Engine:
     ranks = LocalRanks(model_dir, config, device)
-    return Engine(config, ranks.limits, ranks)
+    return Engine(config, ranks.limits, ranks, **engine_options)

@@ -1,10 +1,18 @@
 """M2N (dispatch) / N2M (combine) between attention ranks and expert ranks: the interface.
 
+Legend: T tokens in a micro-batch, H hidden size, k experts per token, n_a tokens from attention rank a.
+
+`connect(plane, role, rank, device)` joins a rank to the data plane and gives it its *endpoint*.
 Each direction is split into a launch half and a wait half, so an attention rank can launch the
 dispatch of micro-batch j, compute micro-batch j+1, and only then wait for j's combine:
 
-  attention rank:  handle = dispatch_launch(...)  ...compute...  out = combine_wait(handle)
-  expert rank:     batch = dispatch_wait()        ...experts...  combine_launch(batch, outputs)
+  attention endpoint:  handle = dispatch_launch(...)  ...compute...  out = combine_wait(handle)
+  expert endpoint:     batch = dispatch_wait()        ...experts...  combine_launch(batch, outputs)
+
+What travels, and how it is packed and unpacked, is `transfer/messages.py`; how bytes move is one
+backend per file (`transfer/torch_dist.py`: gloo or NCCL point-to-point). A backend is a module of
+this package with `connect(plane, role, rank, device)`; `DataPlane.backend` names it, so a new one
+(shared memory, RDMA) is a new file and nothing else.
 
 Every wait that depends on a peer has a deadline and raises TransferError naming the peer rank,
 the layer and the micro-batch; a dead peer never hangs a rank silently. The one exception is an
@@ -15,13 +23,46 @@ wait is open-ended (a dead attention rank still ends it: its socket closes).
 from __future__ import annotations
 
 import abc
+import importlib
 from dataclasses import dataclass
 
 import torch
 
+ATTENTION = "attention"
+EXPERT = "expert"
+# torch.distributed's own backend names are served by transfer/torch_dist.py
+_TORCH_DIST = ("gloo", "nccl")
+
 
 class TransferError(RuntimeError):
     """A token transfer failed or timed out; the message names the peer, layer and micro-batch."""
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """Everything every rank needs to join one deployment's data plane (built by cluster/, picklable).
+
+    Ranks are numbered per side: attention ranks 0..A-1, expert ranks 0..R-1."""
+
+    backend: str                  # "gloo" | "nccl" (transfer/torch_dist.py), or a module name of this package
+    host: str                     # the rendezvous (a TCPStore the deployment hosts)
+    port: int
+    num_attention: int
+    owner: tuple[int, ...]        # [E] logical expert → expert rank
+    hidden_size: int
+    top_k: int
+    dtype: str                    # "float32" | "bfloat16" | ...: the hidden states' dtype on the wire
+    timeout_s: float              # deadline of every wait on a peer (but an idle expert rank's)
+    inline_bytes: int = 64 * 1024
+    connect_timeout_s: float = 120.0
+
+    @property
+    def num_expert(self) -> int:
+        return max(self.owner) + 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -36,13 +77,13 @@ class ExpertBatch:
     topk_weights: list[torch.Tensor]  # per attention rank: [n_a, k] float32
 
 
-class AttentionTransfer(abc.ABC):
-    """The attention rank's side."""
+class AttentionEndpoint(abc.ABC):
+    """The attention rank's side: dispatch launch, combine wait."""
 
     @abc.abstractmethod
     def dispatch_launch(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor,
                         topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> object:
-        """Start sending hidden [T, H] with its routing to the expert ranks; returns a handle."""
+        """Start sending hidden [T, H] with its routing (ids, weights [T, k]) to the expert ranks; returns a handle."""
 
     @abc.abstractmethod
     def combine_wait(self, handle: object) -> torch.Tensor:
@@ -50,11 +91,11 @@ class AttentionTransfer(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Tell every expert rank this attention rank is done (their loops end), then disconnect."""
+        """Tell every expert rank this attention rank is done (their loops end), then leave the data plane."""
 
 
-class ExpertTransfer(abc.ABC):
-    """The expert rank's side."""
+class ExpertEndpoint(abc.ABC):
+    """The expert rank's side: dispatch wait, combine launch."""
 
     @abc.abstractmethod
     def dispatch_wait(self) -> ExpertBatch | None:
@@ -66,4 +107,17 @@ class ExpertTransfer(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Finish pending sends and disconnect."""
+        """Finish pending sends and leave the data plane."""
+
+
+def connect(plane: DataPlane, role: str, rank: int, device: torch.device | str = "cpu"
+            ) -> AttentionEndpoint | ExpertEndpoint:
+    """Join the data plane as attention or expert rank `rank` (blocks until every rank has joined)."""
+    if role not in (ATTENTION, EXPERT):
+        raise ValueError(f"role must be {ATTENTION!r} or {EXPERT!r}, got {role!r}")
+    module = "torch_dist" if plane.backend in _TORCH_DIST else plane.backend
+    try:
+        backend = importlib.import_module(f"transfer.{module}")
+    except ModuleNotFoundError:
+        raise ValueError(f"unknown data-plane backend {plane.backend!r}: no module transfer/{module}.py") from None
+    return backend.connect(plane, role, rank, torch.device(device))

@@ -32,8 +32,7 @@ def run_on_gpu(model_dir, a, e, m):
         layout = dep.layout
         rank_pids = {h["pid"] for h in dep.health()}
         on_gpu = gpu_pids()
-        engine = Engine(config, dep.limits, dep)
-        engine.return_logits = True
+        engine = Engine(config, dep.limits, dep, return_logits=True)
         return layout, rank_pids, on_gpu, engine.generate(PROMPTS, SamplingParams(max_tokens=24))
     finally:
         dep.shutdown()

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from grpc_harness import self_signed
+from serving.v1 import generation_pb2 as pb
 from shuttle.client import ShuttleClient
-from shuttle.v1 import generation_pb2 as pb
 
 TOKEN = "integration-token"
 

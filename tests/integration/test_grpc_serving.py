@@ -14,8 +14,8 @@ import pytest
 from grpc_harness import ServerThread
 from scheduler.config import EngineConfig
 from scheduler.request import SamplingParams
+from serving.v1 import generation_pb2 as pb
 from shuttle.client import ShuttleClient
-from shuttle.v1 import generation_pb2 as pb
 
 TEXTS = [f"Request {i}: {word} is better than" for i, word in
          enumerate(("Beautiful Explicit Simple Complex Flat Sparse Readability Errors Now Namespaces "

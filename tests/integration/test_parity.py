@@ -34,8 +34,7 @@ def run(model_dir, shape, **extra):
     config = EngineConfig(attention_ranks=a, expert_ranks=e, micro_batches=m, max_batch_tokens=48, **extra)
     dep = Deployment.start(model_dir, config)
     try:
-        engine = Engine(config, dep.limits, dep)
-        engine.return_logits = True
+        engine = Engine(config, dep.limits, dep, return_logits=True)
         out = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
         return out, dep.health()
     finally:

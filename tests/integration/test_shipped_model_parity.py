@@ -42,8 +42,7 @@ def test_shipped_model_matches_hugging_face(ray_session, prompt_ids, reference, 
     config = EngineConfig(attention_ranks=a, expert_ranks=e, micro_batches=m, max_batch_tokens=48)
     dep = Deployment.start(SHIPPED_DIR, config)
     try:
-        engine = Engine(config, dep.limits, dep)
-        engine.return_logits = True
+        engine = Engine(config, dep.limits, dep, return_logits=True)
         out = engine.generate(prompt_ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     finally:
         dep.shutdown()

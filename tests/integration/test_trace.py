@@ -14,8 +14,7 @@ def test_traced_steps_record_attention_and_expert_spans(ray_session, tiny_model)
     config = EngineConfig(attention_ranks=1, expert_ranks=2, micro_batches=2)
     dep = Deployment.start(tiny_model("qwen3_moe"), config)
     try:
-        engine = Engine(config, dep.limits, dep)
-        engine.record_trace = True
+        engine = Engine(config, dep.limits, dep, record_trace=True)
         t0 = time.time()
         engine.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=3))
         experts = dep.expert_trace(since=t0)

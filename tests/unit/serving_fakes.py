@@ -8,7 +8,7 @@ import time
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
 from scheduler.messages import PENDING_TOKEN, SampledToken, StepResult
-from scheduler.server import ServedModel
+from serving.server import ServedModel
 
 VOCAB = 768
 

@@ -4,15 +4,15 @@ import asyncio
 
 import pytest
 
-from scheduler.async_engine import AsyncEngine, EngineStopped
+from serving.async_engine import AsyncEngine, EngineStopped
 from scheduler.request import FinishReason, InvalidRequest, SamplingParams
 from scheduler.scheduler import QueueFull
 from serving_fakes import expected_tokens, fake_engine
 
 
-def run(coro_fn, engine, timeout=20):
+def run(coro_fn, engine, timeout=20, on_failure=None):
     async def main():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(engine, on_failure=on_failure)
         ae.start()
         try:
             return await asyncio.wait_for(coro_fn(ae), timeout)
@@ -80,7 +80,6 @@ def test_engine_failure_fails_every_request_and_later_submits():
     failures = []
 
     async def go(ae):
-        ae.on_failure = failures.append
         streams = [await ae.submit([i + 1], SamplingParams(max_tokens=50), f"r{i}") for i in range(4)]
         for s in streams:
             with pytest.raises(EngineStopped, match="injected"):
@@ -89,11 +88,20 @@ def test_engine_failure_fails_every_request_and_later_submits():
             await ae.submit([1], SamplingParams(), "late")
         return ae.status()
 
-    status = run(go, fake_engine(step_s=0.01, fail_at_step=10))
+    status = run(go, fake_engine(step_s=0.01, fail_at_step=10), on_failure=failures.append)
     assert "injected" in status.error and failures and "injected" in failures[0]
 
 
-def test_shutdown_stops_the_ranks():
+def test_shutdown_stops_the_ranks_and_is_not_a_failure():
     engine = fake_engine()
-    run(lambda ae: asyncio.sleep(0), engine)
-    assert engine.ranks.shut.is_set()
+    failures = []
+
+    async def go(ae):
+        stream = await ae.submit([1], SamplingParams(max_tokens=200), "cut")
+        await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, ae.shutdown)
+        with pytest.raises(EngineStopped, match="shut down"):
+            await collect(stream)      # the request in flight is told why it ended
+
+    run(go, engine, on_failure=failures.append)
+    assert engine.ranks.shut.is_set() and failures == []

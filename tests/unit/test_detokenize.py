@@ -1,6 +1,6 @@
 """Incremental detokenisation and stop strings."""
 
-from scheduler.detokenize import IncrementalDetokenizer, StopStrings
+from serving.detokenize import IncrementalDetokenizer, StopStrings
 from serving_fakes import tokenizer
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from expert_node.experts import ExpertShard, dense_moe_reference
+from expert_node.experts import ExpertShard
+from moe_reference import dense_moe_reference
 from models.spec import ModelSpec
 from scheduler.placement import Placement
 

@@ -8,10 +8,10 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from grpc_harness import ServerThread, self_signed
-from scheduler.server import ServerOptions
+from serving.server import ServerOptions
 from serving_fakes import VOCAB, expected_tokens, fake_engine, served_model, tokenizer
+from serving.v1 import generation_pb2 as pb
 from shuttle.client import ShuttleClient
-from shuttle.v1 import generation_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -118,6 +118,8 @@ def test_duplicate_request_id_in_flight(client):
     code, message = code_and_message(lambda: client.generate(token_ids=[1], request_id="dup"))
     stream.cancel()
     assert code == INVALID and message.startswith("request_id:")
+    for _ in range(2):  # an id is free again once its request has ended
+        assert client.generate(token_ids=[1], max_tokens=2, request_id="again").request_id == "again"
 
 
 def wait_for(predicate, timeout=10.0):

@@ -13,8 +13,8 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7]]
 def test_local_engine_matches_hugging_face(tiny_model):
     model = tiny_model("qwen2_moe")
     ref_tokens, ref_logits = hf_generate(model, PROMPTS, 8)
-    engine = local_engine(model, EngineConfig(attention_ranks=2, expert_ranks=3, micro_batches=2, max_batch_tokens=8))
-    engine.return_logits = True
+    engine = local_engine(model, EngineConfig(attention_ranks=2, expert_ranks=3, micro_batches=2, max_batch_tokens=8),
+                          return_logits=True)
     out = engine.generate(PROMPTS, SamplingParams(max_tokens=8))
     assert [c.token_ids for c in out] == ref_tokens
     assert max((torch.tensor(c.logits) - ref).abs().max().item() for c, ref in zip(out, ref_logits)) <= 1e-4

@@ -8,7 +8,7 @@ from scheduler.messages import SampledToken, StepResult
 from scheduler.microbatch import chunk_work, split_micro_batches
 from scheduler.messages import SeqChunk
 from scheduler.request import FinishReason, InvalidRequest, SamplingParams
-from scheduler.scheduler import QueueFull, Scheduler
+from scheduler.scheduler import QueueFull, Scheduler, validate_request
 
 EOS = 2
 
@@ -38,19 +38,25 @@ class EchoRanks(RankGroup):
 
 
 def test_rejects_what_can_never_fit_and_bad_input():
-    s = make(blocks=4, block_size=4, max_len=64)
+    lim = make(blocks=4, block_size=4, max_len=64).limits
     with pytest.raises(InvalidRequest, match="can never fit") as e:
-        s.add("a", list(range(10)), SamplingParams(max_tokens=10))   # 20 tokens > 16 slots
+        validate_request(lim, list(range(10)), SamplingParams(max_tokens=10))   # 20 tokens > 16 slots
     assert e.value.field == "max_tokens"
     with pytest.raises(InvalidRequest, match="prompt: is empty"):
-        s.add("b", [], SamplingParams())
+        validate_request(lim, [], SamplingParams())
     with pytest.raises(InvalidRequest, match="token_ids"):
-        s.add("c", [1, 100], SamplingParams())
+        validate_request(lim, [1, 100], SamplingParams())
+    with pytest.raises(InvalidRequest, match="stop_token_ids"):
+        validate_request(lim, [1], SamplingParams(stop_token_ids=(100,)))
     with pytest.raises(InvalidRequest, match="context"):
-        make(max_len=8).add("d", [1] * 8, SamplingParams(max_tokens=1))
-    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5), dict(max_tokens=0)):
-        with pytest.raises(InvalidRequest):
+        validate_request(make(max_len=8).limits, [1] * 8, SamplingParams(max_tokens=1))
+    for bad, field in ((dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"),
+                       (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_tokens=0), "max_tokens"),
+                       (dict(seed=-1), "seed")):
+        with pytest.raises(InvalidRequest) as e:
             SamplingParams(**bad)
+        assert e.value.field == field and str(e.value) == f"{field}: {e.value.reason}"
 
 
 def test_waits_for_kv_then_admits():

@@ -13,10 +13,15 @@ H, K = 16, 2
 OWNER = [0, 0, 1, 1]   # 4 experts over 2 expert ranks; global ranks: attention 0, experts 1 and 2
 
 
+def _plane(port: int, timeout_s: float, inline_bytes: int):
+    from transfer.base import DataPlane
+    return DataPlane("gloo", "127.0.0.1", port, num_attention=1, owner=tuple(OWNER), hidden_size=H, top_k=K,
+                     dtype="float32", timeout_s=timeout_s, inline_bytes=inline_bytes)
+
+
 def _expert(rank: int, port: int, mode: str, inline_bytes: int) -> None:
-    from transfer.torch_dist import TorchDistExpertTransfer, init_data_plane
-    init_data_plane("127.0.0.1", port, rank, 3, "gloo")
-    t = TorchDistExpertTransfer(rank - 1, 1, H, K, torch.float32, torch.device("cpu"), timeout_s=10, inline_bytes=inline_bytes)
+    from transfer.base import EXPERT, connect
+    t = connect(_plane(port, 10, inline_bytes), EXPERT, rank - 1)
     if mode == "silent":
         time.sleep(30)
         os._exit(0)
@@ -31,17 +36,15 @@ def _expert(rank: int, port: int, mode: str, inline_bytes: int) -> None:
 
 
 def _run(mode: str, timeout_s: float, inline_bytes: int = 64 * 1024):
-    from transfer.torch_dist import TorchDistAttentionTransfer, init_data_plane, leave_data_plane
+    from transfer.base import ATTENTION, connect
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_expert, args=(r, store.port, mode, inline_bytes), daemon=True) for r in (1, 2)]
     for p in procs:
         p.start()
-    init_data_plane("127.0.0.1", store.port, 0, 3, "gloo")
+    t = connect(_plane(store.port, timeout_s, inline_bytes), ATTENTION, 0)
     ok = False
     try:
-        t = TorchDistAttentionTransfer(0, 1, OWNER, H, K, torch.float32, torch.device("cpu"), timeout_s=timeout_s,
-                                       inline_bytes=inline_bytes)
         x = torch.randn(6, H)
         ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0], [3, 1], [0, 1]])   # rank 1 gets no token of layer... some rows
         w = torch.rand(6, K)
@@ -49,11 +52,13 @@ def _run(mode: str, timeout_s: float, inline_bytes: int = 64 * 1024):
         for layer in range(2):
             handles = [t.dispatch_launch(1, layer, j, x, ids, w) for j in range(2)]
             results += [t.combine_wait(h) for h in handles]
-        t.close()
         ok = True
         return x, ids, w, results
     finally:
-        leave_data_plane()
+        if ok:
+            t.close()           # shutdown headers: the expert loops end
+        else:
+            dist.destroy_process_group()   # a silent peer: nobody to tell
         for p in procs:
             p.join(timeout=5 if ok else 0.1)     # after a failure (a silent peer) there is nothing to wait for
             if p.is_alive():

@@ -2,7 +2,7 @@
 
 import torch
 
-from transfer.plan import HEADER_BYTES, Header, KIND_DATA, Layout, pack_payload, payload_buffers, route_plan, unpack_payload
+from transfer.messages import HEADER_BYTES, Header, KIND_DATA, Layout, pack_payload, payload_buffers, route_plan, unpack_payload
 
 
 def test_route_plan_sends_each_token_once_per_owning_rank():

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shuttle.v1 import generation_pb2 as shuttle_dot_v1_dot_generation__pb2
+from serving.v1 import generation_pb2 as serving_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shuttle/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in serving/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class GenerationStub:
         """
         self.Generate = channel.unary_unary(
                 '/shuttle.v1.Generation/Generate',
-                request_serializer=shuttle_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=shuttle_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=serving_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=serving_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/shuttle.v1.Generation/GenerateStream',
-                request_serializer=shuttle_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=shuttle_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
+                request_serializer=serving_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=serving_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/shuttle.v1.Generation/GetModelInfo',
-                request_serializer=shuttle_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=shuttle_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+                request_serializer=serving_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=serving_dot_v1_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetServerStatus = channel.unary_unary(
                 '/shuttle.v1.Generation/GetServerStatus',
-                request_serializer=shuttle_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
-                response_deserializer=shuttle_dot_v1_dot_generation__pb2.ServerStatus.FromString,
+                request_serializer=serving_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
+                response_deserializer=serving_dot_v1_dot_generation__pb2.ServerStatus.FromString,
                 _registered_method=True)
 
 
@@ -96,23 +96,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=shuttle_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=shuttle_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=serving_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=serving_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=shuttle_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=shuttle_dot_v1_dot_generation__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=serving_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=serving_dot_v1_dot_generation__pb2.GenerateChunk.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=shuttle_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=shuttle_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=serving_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=serving_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
             ),
             'GetServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerStatus,
-                    request_deserializer=shuttle_dot_v1_dot_generation__pb2.GetServerStatusRequest.FromString,
-                    response_serializer=shuttle_dot_v1_dot_generation__pb2.ServerStatus.SerializeToString,
+                    request_deserializer=serving_dot_v1_dot_generation__pb2.GetServerStatusRequest.FromString,
+                    response_serializer=serving_dot_v1_dot_generation__pb2.ServerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,8 +141,8 @@ class Generation:
             request,
             target,
             '/shuttle.v1.Generation/Generate',
-            shuttle_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            shuttle_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            serving_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            serving_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -168,8 +168,8 @@ class Generation:
             request,
             target,
             '/shuttle.v1.Generation/GenerateStream',
-            shuttle_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            shuttle_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
+            serving_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            serving_dot_v1_dot_generation__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,8 +195,8 @@ class Generation:
             request,
             target,
             '/shuttle.v1.Generation/GetModelInfo',
-            shuttle_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-            shuttle_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            serving_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
+            serving_dot_v1_dot_generation__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -222,8 +222,8 @@ class Generation:
             request,
             target,
             '/shuttle.v1.Generation/GetServerStatus',
-            shuttle_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
-            shuttle_dot_v1_dot_generation__pb2.ServerStatus.FromString,
+            serving_dot_v1_dot_generation__pb2.GetServerStatusRequest.SerializeToString,
+            serving_dot_v1_dot_generation__pb2.ServerStatus.FromString,
             options,
             channel_credentials,
             insecure,

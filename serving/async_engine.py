@@ -2,14 +2,17 @@
 
 The Engine is single-threaded: one *engine thread* owns it and loops apply commands → step →
 deliver. Everything else talks to it through a command queue:
-- `submit()` (from the event loop) validates the request at once, then queues an add; the engine
-  thread applies it between steps and answers through a future (InvalidRequest, QueueFull);
-- `abort()` queues an abort; it takes effect between steps, so a cancelled request's KV blocks are
-  free before the next step is scheduled;
+- `submit()` (from the event loop) is where a served request enters: it checks the request
+  against the deployment's limits and that its id is not in flight (the only place either is
+  checked: the Engine trusts what it is given), then queues an `AddRequest`; the engine thread
+  applies it between steps and answers through a future (QueueFull);
+- `abort()` queues an `AbortRequest`; it takes effect between steps, so a cancelled request's KV
+  blocks are free before the next step is scheduled;
 - each step's outputs go back to the loop in one `loop.call_soon_threadsafe`, which feeds every
   request's own asyncio queue (`RequestStream`).
 If a step raises, the engine is dead: every in-flight and queued request fails with
-`EngineStopped` carrying the cause, later submits fail at once, and `status()` shows the error.
+`EngineStopped` carrying the cause, later submits fail at once, `status()` shows the error, and
+`on_failure` (a constructor argument) hears the reason. A shutdown is not a failure.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from scheduler.engine import Engine
-from scheduler.request import RequestOutput, RequestState, SamplingParams
+from scheduler.request import InvalidRequest, RequestOutput, RequestState, SamplingParams
 from scheduler.scheduler import validate_request
 
 log = logging.getLogger("shuttle.async_engine")
@@ -82,14 +86,32 @@ class RequestStream:
         self._queue.put_nowait(out)
 
 
+@dataclass(frozen=True)
+class AddRequest:
+    """Event loop → engine thread: add a validated request; `added` gets its id or the exception."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    added: concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Event loop → engine thread: cancel a request (no-op if it already ended)."""
+
+    request_id: str
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_failure: Callable[[str], None] | None = None):
+        """on_failure: called on the event loop with the reason when a step fails (not on shutdown)."""
         self.engine = engine
-        self.on_failure = None  # called on the event loop with the reason when the engine dies
+        self._on_failure = on_failure
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._cv = threading.Condition()
-        self._commands: deque = deque()       # guarded by _cv
+        self._commands: deque[AddRequest | AbortRequest] = deque()   # guarded by _cv
         self._stopping = False                # guarded by _cv
         self._error: str | None = None        # guarded by _cv
         self._streams: dict[str, RequestStream] = {}  # touched on the loop thread only
@@ -107,7 +129,6 @@ class AsyncEngine:
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop the engine thread (after its current step), fail what is left, stop the ranks. Blocking."""
-        self.on_failure = None  # a shutdown is not a failure
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -123,16 +144,12 @@ class AsyncEngine:
     def status(self) -> EngineStatus:
         return self._status
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams)
-
     # ---- requests (event-loop side) ----------------------------------------------------------
     async def submit(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> RequestStream:
-        """Queue a request; raises InvalidRequest or QueueFull (from the engine), or EngineStopped."""
-        validate_request(self.engine.limits, prompt_token_ids, sampling)  # at once, without waiting for a step
-        if request_id in self._streams:
-            from scheduler.request import InvalidRequest
+        """Queue a request; raises InvalidRequest (at once, naming an engine field), QueueFull (from
+        the engine thread) or EngineStopped. `sampling` checked its own values when it was built."""
+        validate_request(self.engine.limits, prompt_token_ids, sampling)
+        if request_id in self._streams:     # until its last output is delivered (or it fails)
             raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
         stream = RequestStream(request_id, len(prompt_token_ids), time.monotonic())
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -140,7 +157,7 @@ class AsyncEngine:
             if self._error is not None:
                 raise EngineStopped(self._error)
             self._streams[request_id] = stream
-            self._commands.append(("add", request_id, list(prompt_token_ids), sampling, added))
+            self._commands.append(AddRequest(request_id, list(prompt_token_ids), sampling, added))
             self._cv.notify()
         try:
             await asyncio.wrap_future(added)
@@ -157,7 +174,7 @@ class AsyncEngine:
         """Cancel a request (no-op if it already ended); applied before the next step."""
         with self._cv:
             if self._error is None and not self._stopping:
-                self._commands.append(("abort", request_id))
+                self._commands.append(AbortRequest(request_id))
                 self._cv.notify()
 
     # ---- the engine thread -------------------------------------------------------------------
@@ -183,23 +200,22 @@ class AsyncEngine:
             log.exception("engine step failed")
             self._fail_everything(f"engine step failed: {type(e).__name__}: {e}")
 
-    def _apply(self, commands: list) -> list[RequestOutput]:
+    def _apply(self, commands: list[AddRequest | AbortRequest]) -> list[RequestOutput]:
         cancelled = []
         for cmd in commands:
-            if cmd[0] == "add":
-                _, rid, prompt, sampling, added = cmd
-                if not added.set_running_or_notify_cancel():
+            if isinstance(cmd, AddRequest):
+                if not cmd.added.set_running_or_notify_cancel():
                     continue  # the caller went away before the add was applied
                 try:
-                    self.engine.add_request(prompt, sampling, rid)
-                except Exception as e:  # noqa: BLE001 - InvalidRequest / QueueFull go back to the caller
-                    added.set_exception(e)
+                    self.engine.add_request(cmd.prompt_token_ids, cmd.sampling, cmd.request_id)
+                except Exception as e:  # noqa: BLE001 - QueueFull (or a bug) goes back to the caller
+                    cmd.added.set_exception(e)
                     continue
-                self._unscheduled.add(rid)
-                added.set_result(rid)
+                self._unscheduled.add(cmd.request_id)
+                cmd.added.set_result(cmd.request_id)
             else:
-                out = self.engine.abort(cmd[1])
-                self._unscheduled.discard(cmd[1])
+                out = self.engine.abort(cmd.request_id)
+                self._unscheduled.discard(cmd.request_id)
                 if out is not None:
                     cancelled.append(out)
         return cancelled
@@ -223,15 +239,16 @@ class AsyncEngine:
         with self._cv:
             if self._error is None:
                 self._error = reason
+            failure = not self._stopping    # a step that fails during shutdown is not reported either
             commands = list(self._commands)
             self._commands.clear()
         for cmd in commands:
-            if cmd[0] == "add" and cmd[4].set_running_or_notify_cancel():
-                cmd[4].set_exception(EngineStopped(reason))
+            if isinstance(cmd, AddRequest) and cmd.added.set_running_or_notify_cancel():
+                cmd.added.set_exception(EngineStopped(reason))
         self._status = EngineStatus(**{**self._status.__dict__, "error": reason})
         if self._loop is not None and not self._loop.is_closed():
             try:
-                self._loop.call_soon_threadsafe(self._fail_streams, reason)
+                self._loop.call_soon_threadsafe(self._fail_streams, reason, failure)
             except RuntimeError:  # the loop closed meanwhile: nobody is left to tell
                 pass
 
@@ -249,9 +266,9 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
 
-    def _fail_streams(self, reason: str) -> None:
+    def _fail_streams(self, reason: str, failure: bool) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._queue.put_nowait(EngineStopped(reason))
-        if self.on_failure is not None:
-            self.on_failure(reason)
+        if failure and self._on_failure is not None:
+            self._on_failure(reason)

@@ -1,13 +1,18 @@
 """The gRPC front door: `shuttle.v1.Generation` over one AsyncEngine, plus health and reflection.
 
 Lifecycle: `start()` binds the port with health NOT_SERVING (load balancers wait while weights
-load; generation calls get UNAVAILABLE); `attach()` hands it the engine and turns health SERVING;
-`drain()` turns health NOT_SERVING, refuses new calls, lets in-flight requests finish for a grace
-period, cancels the rest (they end with FINISH_REASON_CANCELLED), stops the server and the engine.
+load; generation calls get UNAVAILABLE); `attach()` hands it the engine (run on a thread by an
+AsyncEngine it owns from then on) and turns health SERVING; `drain()` turns health NOT_SERVING,
+refuses new calls, lets in-flight requests finish for a grace period, cancels the rest (they end
+with FINISH_REASON_CANCELLED), stops the server and the engine. `drain()` before `attach()` (the
+model failed to load) just stops the server.
 
 Every call in flight is a `GenerationJob`: its engine stream, detokeniser and stop strings. When a
 call ends early (client cancel, disconnect, deadline) its handler is cancelled and the job aborts
 the engine request, so the KV blocks are free at the next step.
+
+A request is checked once on its way in: the wire mapping (`wire.py`) checks what only the wire
+has, SamplingParams its values, `AsyncEngine.submit` the deployment's limits and the request id.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scheduler.async_engine import AsyncEngine, EngineStopped
-from scheduler.detokenize import IncrementalDetokenizer, StopStrings
+from scheduler.engine import Engine
 from scheduler.request import FinishReason, InvalidRequest
-from scheduler.request_proto import (check_wire, engine_field, parse_generate_request, to_engine_request)
 from scheduler.scheduler import QueueFull
-from shuttle.v1 import generation_pb2 as pb
+from serving.async_engine import AsyncEngine, EngineStopped, RequestStream
+from serving.detokenize import IncrementalDetokenizer, StopStrings
+from serving.v1 import generation_pb2 as pb
+from serving.wire import check_wire, parse_generate_request, to_engine_request, wire_field
 
 log = logging.getLogger("shuttle.server")
 
@@ -66,12 +72,13 @@ class ServerOptions:
     drain_grace_s: float = 30.0
 
 
-@dataclass
+@dataclass(eq=False)   # a job is itself, not its fields: Server keeps a set of them
 class GenerationJob:
     """One call in flight: turns engine outputs into token ids, text and a finish reason."""
 
     request_id: str
     prompt_len: int
+    stream: RequestStream
     detok: IncrementalDetokenizer | None
     stops: StopStrings
     token_ids: list[int] = field(default_factory=list)
@@ -107,8 +114,8 @@ class Server:
         self.state = pb.ServerStatus.STATE_LOADING
         self.health = health.aio.HealthServicer()
         self.started_at = time.monotonic()
-        self.failed = asyncio.Event()
-        self._jobs: dict[str, GenerationJob] = {}
+        self.failed = asyncio.Event()       # set when the engine dies (not on a drain)
+        self._jobs: set[GenerationJob] = set()
         limit = max(4 * options.max_request_bytes, 4 << 20)
         interceptors = [BearerTokenAuth(options.auth_token)] if options.auth_token else []
         self._grpc = grpc.aio.server(interceptors=interceptors, options=[
@@ -131,10 +138,11 @@ class Server:
         await self._grpc.start()
         return self.port
 
-    async def attach(self, engine: AsyncEngine, model: ServedModel) -> None:
-        """Serve this engine (already started on this loop): health turns SERVING."""
-        self.engine, self.model = engine, model
-        engine.on_failure = self._engine_failed
+    async def attach(self, engine: Engine, model: ServedModel) -> None:
+        """Serve this engine: start it on a thread driven from this loop; health turns SERVING."""
+        self.engine = AsyncEngine(engine, on_failure=self._engine_failed)
+        self.engine.start()
+        self.model = model
         self.state = pb.ServerStatus.STATE_SERVING
         for service in ("", SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -150,14 +158,24 @@ class Server:
             await asyncio.sleep(0.05)
         if self._jobs:
             log.warning("drain: cancelling %d requests still running after %.1fs", len(self._jobs), grace_s)
-            for request_id in list(self._jobs):
-                self.engine.abort(request_id)
+            for job in list(self._jobs):
+                self.engine.abort(job.request_id)
             end = time.monotonic() + 5.0
             while self._jobs and time.monotonic() < end:
                 await asyncio.sleep(0.05)
         await self._grpc.stop(grace=2.0)
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Generation calls running now (what a drain waits for)."""
+        return len(self._jobs)
+
+    @property
+    def engine_error(self) -> str | None:
+        """Why the engine failed, or None."""
+        return None if self.engine is None else self.engine.error
 
     def _engine_failed(self, reason: str) -> None:
         self.state = pb.ServerStatus.STATE_FAILED
@@ -179,32 +197,32 @@ class Server:
         })
 
     async def Generate(self, request, context) -> pb.GenerateResponse:
-        job, stream = await self._begin(request, context)
+        job = await self._begin(request, context)
         try:
-            async for out in stream:
+            async for out in job.stream:
                 job.feed(out)
                 if job.finish is not None:
                     break
             return pb.GenerateResponse(request_id=job.request_id, token_ids=job.token_ids, text="".join(job.text),
                                        finish_reason=FINISH[job.finish], logprobs=job.logprobs if self._wants_logprobs(request) else [],
-                                       usage=self._usage(job), timing=self._timing(stream))
+                                       usage=self._usage(job), timing=self._timing(job.stream))
         except EngineStopped as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self._end(job)
 
     async def GenerateStream(self, request, context):
-        job, stream = await self._begin(request, context)
+        job = await self._begin(request, context)
         logprobs = self._wants_logprobs(request)
         try:
-            async for out in stream:
+            async for out in job.stream:
                 ids, text, lps = job.feed(out)
                 chunk = pb.GenerateChunk(request_id=job.request_id, token_ids=ids, text=text,
                                          logprobs=lps if logprobs else [])
                 if job.finish is not None:
                     chunk.finish_reason = FINISH[job.finish]
                     chunk.usage.CopyFrom(self._usage(job))
-                    chunk.timing.CopyFrom(self._timing(stream))
+                    chunk.timing.CopyFrom(self._timing(job.stream))
                     yield chunk
                     return
                 yield chunk
@@ -242,7 +260,7 @@ class Server:
         return status
 
     # ---- a call's start and end --------------------------------------------------------------
-    async def _begin(self, request, context) -> tuple[GenerationJob, object]:
+    async def _begin(self, request, context) -> GenerationJob:
         if self.state == pb.ServerStatus.STATE_LOADING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         if self.state == pb.ServerStatus.STATE_DRAINING:
@@ -254,27 +272,24 @@ class Server:
         try:
             check_wire(request, self.options.max_request_bytes)
             kind = request.WhichOneof("input")
-            req = to_engine_request(request, m.tokenizer, m.vocab_size, lambda: uuid.uuid4().hex)
-            if req.request_id in self._jobs:
-                raise InvalidRequest("request_id", f"{req.request_id!r} is already in flight")
+            req = to_engine_request(request, m.tokenizer, lambda: uuid.uuid4().hex)
             stream = await self.engine.submit(req.prompt_token_ids, req.sampling, req.request_id)
         except InvalidRequest as e:
-            name = engine_field(e.field, kind)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {str(e).split(': ', 1)[-1]}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{wire_field(e.field, kind)}: {e.reason}")
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineStopped as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         detok = IncrementalDetokenizer(m.tokenizer, req.prompt_token_ids) if m.tokenizer is not None else None
-        job = GenerationJob(req.request_id, len(req.prompt_token_ids), detok, StopStrings(req.stop))
-        self._jobs[req.request_id] = job
-        return job, stream
+        job = GenerationJob(req.request_id, len(req.prompt_token_ids), stream, detok, StopStrings(req.stop))
+        self._jobs.add(job)
+        return job
 
     def _end(self, job: GenerationJob) -> None:
-        """Always runs (finished, cancelled, deadline, error): a request that did not finish is aborted."""
-        self._jobs.pop(job.request_id, None)
-        if job.finish is None or job.finish is FinishReason.STOP:
-            self.engine.abort(job.request_id)  # no-op if the engine already finished it
+        """Always runs (finished, cancelled, deadline, error): a request the engine still runs is aborted."""
+        self._jobs.discard(job)
+        if not job.stream.finished:   # a stop string matched, or the call ended early
+            self.engine.abort(job.request_id)
 
     @staticmethod
     def _wants_logprobs(request) -> bool:

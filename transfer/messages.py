@@ -1,4 +1,5 @@
-"""The M2N message plan: which tokens go to which expert rank, and how messages are laid out.
+"""The M2N / N2M messages: which tokens go to which expert rank, how messages are laid out, packed
+and unpacked, both directions. Backends (transfer/torch_dist.py, ...) only move the tensors made here.
 
 Legend: T tokens in a micro-batch, k experts per token, H hidden size, R expert ranks.
 
@@ -17,7 +18,8 @@ payload (prefill chunks) follows as separate tensors of exact size once the expe
 the count. One message instead of header-then-payload halves the latency of a dispatch: a payload
 sent before its receive is posted costs gloo a rendezvous round trip.
 The expert rank answers with one combine tensor [count, H]: for each token, the weighted sum of
-its local experts' outputs. The attention rank adds the R answers back into the token rows.
+its local experts' outputs. The attention rank adds the R answers back into the token rows
+(`merge_combine`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,29 @@ def route_plan(topk_ids: torch.Tensor, owner: torch.Tensor, num_ranks: int) -> l
     return [hit[:, r].nonzero().flatten() for r in range(num_ranks)]
 
 
+def dispatch_rows(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, owner: torch.Tensor,
+                  num_ranks: int) -> list[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+    """Per expert rank: (token index, payload tensors). With one expert rank every token goes to it as it
+    is: index None (all rows, in order), no row copies."""
+    if num_ranks == 1:
+        return [(None, pack_payload(hidden, topk_ids, topk_weights) if hidden.shape[0] else [])]
+    return [(idx, pack_payload(hidden[idx], topk_ids[idx], topk_weights[idx]) if idx.numel() else [])
+            for idx in route_plan(topk_ids, owner, num_ranks)]
+
+
+def merge_combine(num_tokens: int, parts: list[tuple[torch.Tensor | None, torch.Tensor]], hidden_size: int,
+                  dtype: torch.dtype, device) -> torch.Tensor:
+    """The combine's unpacking: each expert rank's answer [n_r, H] added into its token rows → [T, H].
+
+    parts: (token index as `dispatch_rows` gave it, answer) for every rank that got at least one token."""
+    if len(parts) == 1 and parts[0][0] is None:     # the only expert rank answered for every row
+        return parts[0][1].to(device)
+    out = torch.zeros(num_tokens, hidden_size, dtype=dtype, device=device)
+    for idx, part in parts:
+        out.index_add_(0, idx, part.to(device))
+    return out
+
+
 def pack_payload(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> list[torch.Tensor]:
     """Payload tensors for `count` rows (see the module docstring)."""
     routing = torch.cat([topk_ids.float(), topk_weights.float()], dim=1)  # [n, 2k]
@@ -75,8 +100,15 @@ def payload_buffers(count: int, hidden_size: int, top_k: int, dtype: torch.dtype
             torch.empty(count, 2 * top_k, dtype=torch.float32, device=device)]
 
 
-def unpack_payload(buffers: list[torch.Tensor], hidden_size: int, top_k: int):
-    """(hidden [n, H], topk_ids [n, k] int64, topk_weights [n, k] float32)."""
+def unpack_payload(buffers: list[torch.Tensor], hidden_size: int, top_k: int, dtype: torch.dtype | None = None,
+                   device=None):
+    """(hidden [n, H], topk_ids [n, k] int64, topk_weights [n, k] float32); no buffers: n = 0 (needs dtype, device)."""
+    if not buffers:
+        return (torch.empty(0, hidden_size, dtype=dtype, device=device),
+                torch.empty(0, top_k, dtype=torch.long, device=device),
+                torch.empty(0, top_k, dtype=torch.float32, device=device))
+    if device is not None:
+        buffers = [b.to(device) for b in buffers]
     if len(buffers) == 1:
         hidden, routing = buffers[0][:, :hidden_size], buffers[0][:, hidden_size:]
     else:
