@@ -8,15 +8,13 @@ block_table[pos // block_size] · block_size + pos % block_size. Head-major mean
 blocks lands as [g, B, L, d] with every (head, sequence) context contiguous, which is what a batched
 matrix product wants. On the CPU in float32, decode sequences (one new token each) are attended by
 a small C++ kernel that walks each block table and reads every cached row once, up to that
-sequence's length (models/cpu_kernels.py: one layer at 64 sequences, 3.0-3.6 ms against
-5.1-6.7 for the torch path). Elsewhere (GPUs, bfloat16, no compiler) they are attended in one batched
+sequence's length (models/cpu_kernels.py). Elsewhere (GPUs, bfloat16, no compiler) they are attended in one batched
 call over their contexts gathered whole blocks at a time (padded to the longest, masked): the r query
 heads of a KV head are that head's r query rows, so each K/V row is read once (SDPA's grouped-query
-path over the slot-major [S, g, d] layout this replaced read it r times, strided). One decode layer,
-gather included, one thread, on the 2-core VM we measure on: B = 16, L = 160: 0.33 ms (was 0.62);
-B = 64, L = 128: 2.2 ms (was 3.0); B = 64, L = 320: 7.1-7.8 ms (was 9.2-9.9). Each prefill chunk
+path over the slot-major [S, g, d] layout this replaced read it r times, strided). Each prefill chunk
 is attended on its own with a causal mask that starts at the chunk's offset (earlier chunks are read
 back from the cache), on the CPU with the same grouped rows as decode (SDPA on GPUs).
+What each choice measured: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -101,9 +99,8 @@ class AttentionBatch:
 
 
 class _Workspace:
-    """Reused gather buffers: a fresh multi-MB tensor per layer cost more in page faults than the
-    gather itself on the CPU VM we measure on (decode, 16 × 128 slots: ~1.1 ms per gather with a new
-    output, ~0.06 ms into a reused one)."""
+    """Reused gather buffers: a fresh multi-MB tensor per layer costs more in page faults than the
+    gather itself on the CPU."""
 
     def __init__(self):
         self.buffers: dict = {}    # (which, dtype, device) → flat buffer, viewed as each gather needs
@@ -171,8 +168,7 @@ def _grouped_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     """One prefill chunk, q [n, h, d] against its context k/v [g, C, d] with bias [n, C] → [n, h, d].
 
     As in decode, the r query heads of a KV head are rows of one matrix product ([g, r·n, d] · [g, d, C]).
-    On the CPU this is 2.7× faster than SDPA, which takes its unfused path for a masked, grouped-query
-    chunk (one chunk of 230 tokens, 8 heads / 2 KV heads, d 64, 2 threads: 0.92 ms vs 2.5 ms)."""
+    On the CPU this beats SDPA, which takes its unfused path for a masked, grouped-query chunk."""
     n, h, d = q.shape
     g, C = k.shape[0], k.shape[1]
     r = h // g

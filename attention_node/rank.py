@@ -85,8 +85,8 @@ class AttentionRank:
         if self.threads is not None:
             torch.set_num_threads(self.threads[1])
         tokens = []
-        # LM head and sampling in row blocks of bounded [rows, V] logits, never one [N, V] tensor:
-        # concatenating 2 × [128, 32000] float32 measured 24 ms (a fresh 33 MB, page-faulted in).
+        # LM head and sampling in row blocks of bounded [rows, V] logits, never one [N, V] tensor (a
+        # fresh multi-MB tensor is page-faulted in on every step).
         for start in range(0, len(sampled), LM_HEAD_ROWS):
             chunks = sampled[start:start + LM_HEAD_ROWS]
             logits = self.forward.logits(hidden[start:start + LM_HEAD_ROWS])

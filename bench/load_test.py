@@ -64,8 +64,8 @@ def start_server(model: str | None, serve_flags: list[str], timeout_s: float = 6
 
 async def replay(address: str, trace, concurrency: int) -> dict:
     import grpc
-    from shuttle.v1 import generation_pb2 as pb
-    from shuttle.v1 import generation_pb2_grpc as pb_grpc
+    from serving.v1 import generation_pb2 as pb
+    from serving.v1 import generation_pb2_grpc as pb_grpc
 
     ttft, tpot, tokens = [], [], 0
     queue = list(enumerate(trace))

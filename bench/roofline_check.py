@@ -1,4 +1,4 @@
-"""Check the GPU roofline cost model (scheduler/tuner/costs.py RooflineCosts) against a real GPU.
+"""Check the GPU roofline cost model (tuner/costs.py RooflineCosts) against a real GPU.
 
 Times one DBRX-sized expert FFN (bf16, hidden 6144, intermediate 10752: gate, up, SiLU, down) for
 a range of tokens, and the attention-side projections of one layer (q/k/v/o + router) for a range
@@ -16,9 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scheduler.tuner.costs import RooflineCosts  # noqa: E402
-from scheduler.tuner.hardware import load_catalogue  # noqa: E402
-from scheduler.tuner.model_shape import PRESETS  # noqa: E402
+from tuner.costs import RooflineCosts  # noqa: E402
+from tuner.hardware import load_catalogue  # noqa: E402
+from tuner.model_shape import PRESETS  # noqa: E402
 
 
 def cuda_ms(fn, repeats: int = 50) -> float:

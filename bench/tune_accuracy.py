@@ -3,13 +3,13 @@
 The model: Mixtral format, hidden 256, intermediate 512, 6 layers, 8 experts top-2, 4 heads / 2 KV
 heads, vocab 4096, float32, random weights (built once into --cache). For each shape (A attention
 ranks, E expert ranks, m micro-batches, global batch B): the simulator's decode step time from the
-profile (scheduler/tuner/local.py), then B prompts of --ctx tokens run for real and the median
+profile (`Profile.predict`, tuner/profile.py), then B prompts of --ctx tokens run for real and the median
 decode step is timed. Throughput = B / step time. Error = predicted / measured - 1.
 
 Rounds: this VM's speed wanders by tens of percent over seconds to minutes. With --reprofile (or
 no saved profile) every round is a profile pass followed by every shape once, so the profile and the
 measurements see the same spells; the profile is the median of its passes (`Profile.merge`), each
-shape's measurement its median round. The machine's speed probe (shuttle/tune_speed.py) is
+shape's measurement its median round. The machine's speed probe (tuner/speed.py) is
 printed with every round, to show the drift.
 
     .venv/bin/python bench/tune_accuracy.py [--shapes 1,1,1,8 1,1,2,32 ...] [--profile FILE]
@@ -29,16 +29,20 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WIN
              "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(k, v)
 
-from scheduler.tuner.local import predict_local, rank_threads  # noqa: E402
-from scheduler.tuner.profile import Profile  # noqa: E402
-from shuttle.tune_speed import speed_probe  # noqa: E402
+from bench.random_mixtral import build_random_mixtral  # noqa: E402
+from cluster.ray_env import start_ray  # noqa: E402
+from tuner.measure import measure_decode  # noqa: E402
+from tuner.profile import Profile  # noqa: E402
+from tuner.profiler import run_profile  # noqa: E402
+from tuner.speed import speed_probe  # noqa: E402
+from tuner.timeline import draw_timeline  # noqa: E402
+from tuner.trace import quantile  # noqa: E402
 
 # Not the profile's calibration runs (1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16): every row here is predicted, not fitted.
 SHAPES = ["1,1,1,8", "1,1,1,32", "2,1,1,16", "1,1,2,32", "1,2,1,16", "1,1,3,48", "2,1,2,32", "1,2,2,64", "2,2,2,32"]
 
 
 def build_model(path: str) -> str:
-    from bench.random_mixtral import build_random_mixtral
     return build_random_mixtral(path, vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                 num_experts_per_tok=2, max_position_embeddings=2048)
@@ -46,7 +50,6 @@ def build_model(path: str) -> str:
 
 def stage_medians(spans, q: float) -> dict:
     """q-quantile duration (ms) of each span kind: where a prediction and a measurement part ways."""
-    from scheduler.tuner.trace import quantile
     out = {}
     for kind in ("attention", "expert", "dispatch", "combine", "head", "wait"):
         d = [s.end - s.start for s in spans if s.kind == kind and (kind != "head" or s.micro_batch < 0)]
@@ -76,11 +79,8 @@ def main() -> None:
     say = lambda msg: print(f"[accuracy] {msg}", file=sys.stderr, flush=True)   # noqa: E731
     model_dir = build_model(args.cache)
     # One Ray for every deployment, given time to settle: a fresh Ray's daemons take CPU for seconds.
-    from cluster.ray_env import start_ray
     start_ray()
     time.sleep(args.settle_s)
-    from shuttle.tune_measure import measure_decode
-    from shuttle.tune_profile import run_profile
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shapes]
     runs: dict[tuple, list] = {shape: [] for shape in shapes}
     reprofile = args.reprofile or not os.path.isfile(args.profile)
@@ -109,8 +109,8 @@ def main() -> None:
     for (a, e, m, b) in shapes:
         rounds = runs[(a, e, m, b)]
         meas = sorted(rounds, key=lambda x: x.step_s)[len(rounds) // 2]             # the median round, as measured
-        pred = predict_local(profile, a, e, m, b, meas.ctx)        # at the mean context of the timed steps
-        rows.append({"A": a, "E": e, "M": m, "B": b, "threads": rank_threads(profile.cores, a, e, m, profile.model),
+        pred = profile.predict(a, e, m, b, meas.ctx)        # at the mean context of the timed steps
+        rows.append({"A": a, "E": e, "M": m, "B": b, "threads": profile.rank_threads(a, e, m),
                      "predicted_ms": pred.iteration_s * 1e3, "measured_ms": meas.step_s * 1e3,
                      "rounds_ms": [x.step_s * 1e3 for x in rounds],
                      "speed_probe_ms": [x.speed_s * 1e3 for x in rounds],
@@ -124,7 +124,6 @@ def main() -> None:
         say(f"A={a} E={e} m={m} B={b}: predicted {pred.iteration_s * 1e3:.1f} ms, measured {meas.step_s * 1e3:.1f} ms "
             f"({100 * rows[-1]['throughput_error']:+.1f}% throughput)")
         if m >= 2 and not drawn and args.timeline:
-            from shuttle.tune_timeline import draw_timeline
             draw_timeline([(f"predicted (A={a}, E={e}, m={m}, B={b})", pred.spans, pred.iteration_s),
                            (f"measured (A={a}, E={e}, m={m}, B={b})", meas.spans, meas.step_s)], args.timeline,
                           title=f"{profile.model.name}, {profile.machine}: one decode step")
@@ -132,7 +131,7 @@ def main() -> None:
             say(f"wrote {args.timeline}")
     print(f"\nTimes: the {args.quantile:g}-quantile of span and step times on both sides. Machine: {profile.machine}. Model: {profile.model.name} (Mixtral-format h256, 6 layers, 8 experts top-2, fp32); "
           f"prompt {args.ctx}, {args.steps} timed decode steps per shape, {args.repeats} rounds (median round; all rounds in brackets); "
-          f"speed probe of each round in ms (shuttle/tune_speed.py; lower = faster machine)")
+          f"speed probe of each round in ms (tuner/speed.py; lower = faster machine)")
     print("| A | E | m | B | threads/rank | predicted ms/step | measured ms/step (rounds) | predicted tokens/s | measured tokens/s "
           "| error | speed probe ms (rounds) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import ray
 import torch.distributed as dist
@@ -24,12 +25,12 @@ from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from attention_node.actor import AttentionRankActor
+from cluster import threads
 from cluster.inventory import NodeInventory, gather_inventory, local_gpus, node_from_ray
 from cluster.ray_env import local_ray_env, start_ray
 from cluster.reach import ReachProbe
 from cluster.roles import PlacementError, RankLayout, plan_layout
 from expert_node.actor import ExpertRankActor
-from models.linear import useful_threads
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
@@ -99,9 +100,7 @@ class Deployment(RankGroup):
                 progress(line)
             if address is not None:
                 _check_reach(layout, by_id, host, reach_timeout_s)
-            threads = {i: config.threads_per_rank or _threads(config, layout, by_id[i]) for i in layout.nodes_used()}
-            small = {i: _small_step_threads(config, layout, i) for i in layout.nodes_used()}
-            useful = {i: threads[i] if config.threads_per_rank else useful_threads(spec, threads[i]) for i in threads}
+            per_node = {i: node_threads(config, layout, by_id[i], spec) for i in layout.nodes_used()}
 
             for side, node_ids in (("attention", layout.attention_nodes), ("expert", layout.expert_nodes)):
                 bundles = [layout.bundle(side)] * len(node_ids)
@@ -131,11 +130,10 @@ class Deployment(RankGroup):
                               spec.hidden_size, spec.top_k, config.dtype, config.transfer_timeout_s)
             dev = layout.device
             attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
-                         .remote(i, spec, config, limits, model_dir, dev,
-                                 (min(useful[n], small[n] or useful[n]), useful[n]), plane)
+                         .remote(i, spec, config, limits, model_dir, dev, per_node[n].attention, plane)
                          for i, n in enumerate(layout.attention_nodes)]
             experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
-                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, useful[n], plane)
+                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, per_node[n].expert, plane)
                        for i, n in enumerate(layout.expert_nodes)]
             progress("joining the data plane and loading weights")
             names = [f"attention rank {i}" for i in range(len(attention))] + [f"expert rank {i}" for i in range(len(experts))]
@@ -151,9 +149,6 @@ class Deployment(RankGroup):
         return cls(spec, config, limits, placement, layout, nodes, attention, experts, groups, store, serve_refs, owns_ray)
 
     # ---- the RankGroup contract ----------------------------------------------------------
-    def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
-        return self.collect(self.launch(plans))
-
     def launch(self, plans: list[StepPlan]) -> tuple[int, list]:
         """Ray runs an actor's calls from one caller in order, so a step launched ahead waits its turn on the rank."""
         return plans[0].step, [a.step.remote(p) for a, p in zip(self.attention, plans)]
@@ -211,27 +206,20 @@ def _rank_env(node: NodeInventory, host: str, cluster: bool) -> dict[str, str]:
     return env
 
 
-def _threads(config: EngineConfig, layout: RankLayout, node: NodeInventory) -> int:
-    """Torch threads per rank on `node`: its cores split among the ranks there; where both sides share
-    the node with one micro-batch they take turns, so each side may use them all (default_threads)."""
+@dataclass(frozen=True)
+class NodeThreads:
+    """Torch threads of the ranks on one node (cluster/threads.py is the policy)."""
+
+    attention: tuple[int, int]    # (layers of decode-sized steps, everything else)
+    expert: int
+
+
+def node_threads(config: EngineConfig, layout: RankLayout, node: NodeInventory, spec: ModelSpec) -> NodeThreads:
     a, e = layout.attention_nodes.count(node.node_id), layout.expert_nodes.count(node.node_id)
-    busy = max(a, e) if a and e and config.micro_batches == 1 else a + e
-    return max(1, int(node.cpus) // max(1, busy))
-
-
-def _small_step_threads(config: EngineConfig, layout: RankLayout, node_id: str) -> int | None:
-    """Threads for an attention rank's layers in decode-sized steps (None: its usual count).
-
-    Where attention and expert ranks take turns on one CPU node (one micro-batch), one: a decode
-    layer's attention work is small ops that gain little from a second thread, and an idle OpenMP
-    thread spins on the cores the expert rank needs next. Measured on the 2-core VM, bench model,
-    batch 16 decode, 3 interleaved rounds (GOMP_SPINCOUNT 10000): 88 / 70 / 73 ms a step with one thread,
-    90 / 97 / 84 with two (and the earlier GOMP_SPINCOUNT 1000); at batch 64 a wash (146 / 137 / 149
-    against 151 / 157 / 146). The LM head and prefill-sized steps keep every thread
-    (AttentionRank.threads)."""
-    if config.threads_per_rank or layout.device != "cpu" or config.micro_batches != 1:
-        return None
-    return 1 if node_id in layout.expert_nodes else None
+    per_rank = threads.rank_threads(int(node.cpus), a, e, config.micro_batches, config.threads_per_rank)
+    full = threads.useful_threads(per_rank, spec.hidden_size, spec.moe_intermediate_size, config.threads_per_rank)
+    small = threads.small_step_threads(layout.device, config.micro_batches, e, config.threads_per_rank)
+    return NodeThreads((min(full, small or full), full), full)
 
 
 def _ranks_on(layout: RankLayout, node_id: str) -> str:

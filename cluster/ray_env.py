@@ -20,22 +20,17 @@ LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # libgomp's threads spin ~300k iterations after each parallel region by default. An attention
     # rank and an expert rank on one machine take turns, and the idle one's spinning threads steal
-    # the busy one's cores (decode step at batch 64 on 2 cores: 249 ms spinning, 125 ms with 1000).
-    # Since attention ranks run decode layers on one thread there (cluster.deployment._small_step_threads),
-    # the expert rank's threads are the spinners that matter, and a longer spin saves them a futex
-    # wake-up per GEMM. Bench model on the 2-core VM, 3 interleaved rounds, ms a decode step: batch 16,
-    # 88 / 70 / 73 with 10000 against 99 / 88 / 78 with 1000; batch 64, 146 / 137 / 149 against
-    # 156 / 148 / 172 with 3000 (and with two-thread attention 148 / 135 / 152 against 151 / 157 / 146).
+    # the busy one's cores. Since attention ranks run decode layers on one thread there
+    # (cluster/threads.py), the expert rank's threads are the spinners that matter, and a longer spin
+    # than libgomp's short alternative saves them a futex wake-up per GEMM (docs/performance.md).
     "GOMP_SPINCOUNT": "10000",
     # Ray starts worker processes (our ranks) at niceness 15, so the head, the gRPC server, Ray's own
     # daemons and any client on the machine preempt the ranks on every step. Ranks are the service.
     "RAY_worker_niceness": "0",
     # glibc returns large freed blocks (>= 128 KB, a threshold that only grows after such a free) to the
     # kernel, so every step's fresh multi-MB tensors (logits, an expert layer's gathered rows and
-    # activations) page-fault again on first touch: at 300 tokens the SiLU and product over the
-    # [600, 1024] activations took 1.1 and 0.7 ms each instead of ~0.2. Kept in the heap instead
-    # (32 MB is glibc's largest mmap threshold on 64-bit; the heap top is returned past 256 MB free).
-    # Bench model, 8 expert layers at 300 tokens, one thread: 194 ms vs 236 (grouped kernel).
+    # activations) page-fault again on first touch. Kept in the heap instead (32 MB is glibc's
+    # largest mmap threshold on 64-bit; the heap top is returned past 256 MB free; docs/performance.md).
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
 }

@@ -5,20 +5,13 @@ Two places where torch's own CPU ops measured far from what the machine can do:
 - Decode attention from a paged cache: torch ops must first gather every context into a padded
   copy; at 64 sequences that gather (a write, then a second read of all of it, padding included)
   was most of the attention rank's time in a decode step. `paged_decode` walks each sequence's
-  block table and reads each cached row once, up to that sequence's length. One layer, one thread,
-  64 sequences of 32-383 tokens (mean 223), 2 KV heads × 4 query heads, d 64, blocks at random
-  places in a 4096-block cache, on the 2-core VM we measure on: torch path 5.1-6.7 ms, kernel
-  3.0-3.6 ms (equal to ~4e-7).
-- Few-row matrix products (decode and chunked prefill: 1-256 rows per expert): oneDNN's prepacked
-  GEMM (models/linear.py) reached 53 GFLOP/s (13 GB/s of weights) at 8 rows × [2048, 512] on both
-  cores, MKL 33. `panel_linear` keeps a weight in 8-column panels; up to 8 rows run as one register
+  block table and reads each cached row once, up to that sequence's length.
+- Few-row matrix products (decode and chunked prefill: 1-256 rows per expert), where oneDNN's
+  prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a weight in 8-column panels; up to 8 rows run as one register
   tile per panel (one pass over the weight, which bounds the speed there), more rows as tiles of up
-  to 6 rows over two neighbouring panels (12 accumulators: enough to hide the FMA latency). A whole
-  expert FFN ([2048, 512] up, [512, 1024] down), 128 different experts in turn, both cores, GFLOP/s
-  panel vs oneDNN: 1 row 13.7 vs 10.3 (27 GB/s of weights: the memory), 4: 48 vs 32, 8: 77 vs 47,
-  16: 118 vs 73, 32: 139 vs 100, 64: 163 vs 125, 128: 171 vs 138, 256: 174 vs 146. (With 8-row
-  tiles only, as first written: 16 rows 93, 32: 115, 64: 126, 256: 133.) `grouped_panel_linear`
-  runs a layer's experts, each on its own rows, in one parallel region (expert_node/experts.py).
+  to 6 rows over two neighbouring panels (12 accumulators: enough to hide the FMA latency).
+  `grouped_panel_linear` runs a layer's experts, each on its own rows, in one parallel region
+  (expert_node/experts.py). Measurements of both against torch: docs/performance.md.
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
 their own torch builds), so they are ~300 lines of C++ built by `torch.utils.cpp_extension`, which

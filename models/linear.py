@@ -1,23 +1,17 @@
 """y = x · Wᵀ (+ b) for the weights the ranks hold, with the weight laid out once for the CPU.
 
 Decode multiplies a few rows by a large weight. MKL's sgemm repacks the weight on every such call,
-which on a 2-core x86 machine measured 2-3× slower than oneDNN with the weight prepacked once
-(bench/decode_bench.py; e.g. 128 expert matrices [2048, 512] at 8 rows: 109 ms → 55 ms on one
-thread, the 32000-row LM head at 64 rows: 37 ms → 12 ms on two). So on CPUs with oneDNN, float32
+several times slower than oneDNN with the weight prepacked once. So on CPUs with oneDNN, float32
 weights are reordered at load time (the original is dropped: no extra memory) and used through
 `torch.ops.mkldnn._linear_pointwise`; anywhere else (GPU, other dtypes, no oneDNN) it is F.linear.
 Results differ from F.linear only by summation order (~1e-6 relative).
 Small weights (< PREPACK_MIN_ELEMENTS) stay on F.linear: there the call overhead dominates and
-oneDNN's is larger (a 4-layer hidden-64 random model, batch 16: 3.8 ms of expert compute per step
-unpacked, 5.7 packed). From 2^16 elements on, packing wins once the weights are out of cache, as
-they are in a real step: a [768, 256] expert matrix at 4-16 rows, 64 different matrices in turn,
-one thread: 153-199 µs unpacked vs 80-121 µs packed (the shipped demo model's experts).
-SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
+oneDNN's is larger; from 2^16 elements on, packing wins once the weights are out of cache, as they
+are in a real step. SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
 
 Where Shuttle's CPU kernels are built (models/cpu_kernels.py: x86 with AVX2 and FMA) such weights
-are instead packed into 8-column panels for `panel_linear`, which beats oneDNN from 1 to 256 rows (a
-bench-model expert FFN, 128 experts in turn, both cores, GFLOP/s: 1 row 13.7 vs 10.3, 8 rows 77 vs 47,
-32 rows 139 vs 100, 256 rows 174 vs 146); SHUTTLE_CPU_KERNELS=0 goes back to oneDNN.
+are instead packed into 8-column panels for `panel_linear`, which beats oneDNN from 1 to 256 rows;
+SHUTTLE_CPU_KERNELS=0 goes back to oneDNN. The measurements behind each choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,20 +23,6 @@ import torch.nn.functional as F
 
 
 PREPACK_MIN_ELEMENTS = 1 << 16
-# Below this many elements in a model's largest expert matrix, extra intra-op threads only add
-# fork/join overhead (hidden-64 model: 2 threads per rank made the step 33 ms, 1 thread 20 ms). The
-# shipped demo model (2^17.6 elements) stays below too: all ranks in one process it runs batch 64 in
-# 31 ms on 2 threads vs 45 on 1, but deployed (an attention and an expert rank taking turns on 2
-# cores, each OpenMP region waking sleeping threads) 1 thread per rank was as fast at batch 64
-# (61 ms either way) and faster at batch 16 (30 vs 32-39 ms).
-THREADED_MIN_ELEMENTS = 1 << 18
-
-
-def useful_threads(spec, threads: int) -> int:
-    """How many of `threads` a rank of this model can use (1 for small models)."""
-    return threads if 2 * spec.moe_intermediate_size * spec.hidden_size >= THREADED_MIN_ELEMENTS else 1
-
-
 def _prepack_supported(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and weight.numel() >= PREPACK_MIN_ELEMENTS

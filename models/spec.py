@@ -8,6 +8,8 @@ Glossary
 
 `ModelSpec` is frozen and validated at construction; it is the only thing the ranks know about the
 model besides the weights, and it crosses process boundaries (it pickles as plain data).
+This module is the one reader of config.json and imports no torch: the tuner builds its
+`ModelShape` from a `ModelSpec` too, so the loader and the tuner cannot read a model differently.
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     heads = int(cfg["num_attention_heads"])
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", family == "mixtral"):
         raise CheckpointError(f"sliding_window={cfg['sliding_window']} is not supported (full attention only)")
+    experts_from = ("num_local_experts",) if family == "mixtral" else ("num_experts", "num_local_experts")
+    n_experts = int(_first(cfg, *experts_from, default=0))
+    if n_experts <= 0:
+        raise CheckpointError(f"config.json names no experts ({' / '.join(experts_from)}): not a MoE model")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     common = dict(
@@ -118,14 +124,13 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         hidden_act=cfg.get("hidden_act", "silu"),
     )
     if family == "mixtral":
-        return ModelSpec(**common, num_experts=int(cfg["num_local_experts"]),
+        return ModelSpec(**common, num_experts=n_experts,
                          moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
                          moe_layers=(True,) * n_layers)
     # qwen2_moe / qwen3_moe: sparse every `decoder_sparse_step` layers, except mlp_only_layers.
-    n_experts = int(_first(cfg, "num_experts", "num_local_experts"))
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     mlp_only = set(cfg.get("mlp_only_layers") or [])
-    moe_layers = tuple(i not in mlp_only and n_experts > 0 and (i + 1) % step == 0 for i in range(n_layers))
+    moe_layers = tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(n_layers))
     return ModelSpec(
         **common, num_experts=n_experts, moe_intermediate_size=int(cfg["moe_intermediate_size"]),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=moe_layers,

@@ -1,8 +1,8 @@
 """The head's step loop: schedule → run the attention ranks → postprocess.
 
 `RankGroup` is what the head needs from the deployment (cluster/ provides it over Ray actors; tests
-provide fakes). The engine is single-threaded; `scheduler/async_engine.py` runs it on a thread for
-servers.
+provide in-process fakes). The engine is single-threaded; `serving/async_engine.py` runs it on a thread
+for servers.
 
 With `schedule_ahead` (the default) the head keeps one step in flight beyond the one it waits
 for: it schedules and launches step N+1, then waits for step N's tokens and postprocesses them
@@ -30,22 +30,35 @@ class RankGroup(abc.ABC):
     """The attention ranks of one deployment, seen from the head."""
 
     @abc.abstractmethod
-    def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
-        """Run one step on every attention rank (plans[i] → rank i) and return their results.
+    def launch(self, plans: list[StepPlan]) -> object:
+        """Start a step on every attention rank (plans[i] → rank i) without waiting; returns a handle.
+        Steps run in launch order, and each is collected once, in launch order."""
 
-        Raises a RuntimeError naming the failed rank if any rank fails or misses its deadline."""
+    @abc.abstractmethod
+    def collect(self, handle: object) -> list[StepResult]:
+        """The results of a launched step, one per attention rank. Raises a RuntimeError naming the
+        failed rank if any rank fails or misses its deadline."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop every rank (attention and expert) and release their resources."""
 
+
+class InProcessRanks(RankGroup):
+    """Ranks called directly in this process (tests, fakes): a step runs when it is collected."""
+
+    @abc.abstractmethod
+    def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Run one step on every attention rank and return their results."""
+
     def launch(self, plans: list[StepPlan]) -> object:
-        """Start a step without waiting for it; `collect(handle)` returns its results. Steps run in
-        launch order, and each is collected once, in launch order. By default the step runs when collected."""
         return plans
 
     def collect(self, handle: object) -> list[StepResult]:
         return self.run_step(handle)
+
+    def shutdown(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)

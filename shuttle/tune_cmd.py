@@ -14,12 +14,18 @@ under `plan:`, `prediction:` and `why:`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from scheduler.tuner.hardware import load_catalogue
-from scheduler.tuner.model_shape import PRESETS, resolve_model
-from scheduler.tuner.search import Plan, Requirements, SearchSpace, paper_m_rule, search
+import yaml
+
+from shuttle.plan_file import load_plan_values
+from tuner.costs import RooflineCosts
+from tuner.hardware import load_catalogue
+from tuner.local import search_local
+from tuner.model_shape import PRESETS, resolve_model
+from tuner.plan_file import plan_document, reasons, write_plan
+from tuner.profile import Profile
+from tuner.search import Plan, Requirements, SearchSpace, search, simulate_plan
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -110,7 +116,7 @@ def say(msg: str) -> None:
 
 # ---- profile -----------------------------------------------------------------------------------
 def cmd_profile(args) -> int:
-    from shuttle.tune_profile import run_profile
+    from tuner.profiler import run_profile          # Ray and torch: only for this command
     profile = run_profile(args.model, args.dtype, list(args.threads) if args.threads else None, tuple(args.batches),
                           tuple(args.contexts), args.steps, progress=say, address=args.address,
                           quantile=args.quantile, calibration=tuple(args.calibrate), rescale_speed=args.rescale_speed)
@@ -134,7 +140,6 @@ def cmd_plan(args) -> int:
 
 
 def _plan_catalogue(args) -> int:
-    from scheduler.tuner.costs import RooflineCosts
     shape = resolve_model(args.model)
     catalogue = load_catalogue(args.gpus_file)
     space = SearchSpace(attention_gpus=args.attention_gpus or tuple(catalogue), expert_gpus=args.expert_gpus or tuple(catalogue),
@@ -144,27 +149,22 @@ def _plan_catalogue(args) -> int:
                         **({"batches": args.batches} if args.batches else {}))
     req = Requirements(tpot_slo_s=args.tpot_ms / 1e3, ctx=args.ctx or 1024, dtype_bytes=args.dtype_bytes,
                        balance_limit=args.balance_limit, allow_m1=args.allow_m1)
-    result = search(shape, catalogue, space, req, lambda g, tp: RooflineCosts(shape, g, tp, args.dtype_bytes))
+    costs_for = lambda g, tp: RooflineCosts(shape, g, tp, args.dtype_bytes)   # noqa: E731
+    result = search(shape, catalogue, space, req, costs_for)
     say(f"{shape.name}: {shape.total_params() / 1e9:.0f}B parameters; searched {result.candidates} candidate plans "
         f"({result.evaluated} evaluated) in {result.seconds:.2f}s")
     _print_table(result.plans[:args.top], per_cost=True)
     best = result.best
-    from scheduler.tuner.simulate import SimPlan, simulate
-    sim = simulate(SimPlan(shape, best.n_a, best.n_e, best.m, best.batch, req.ctx,
-                           RooflineCosts(shape, catalogue[best.attention_gpu], best.tp_a, args.dtype_bytes),
-                           RooflineCosts(shape, catalogue[best.expert_gpu], best.tp_e, args.dtype_bytes),
-                           dtype_bytes=args.dtype_bytes, skew=args.skew), record=False)
-    why = _why(best, result)
+    sim = simulate_plan(shape, catalogue, best, req, costs_for, skew=args.skew)
+    why = reasons(best, result)
     why.append(f"simulated iteration (per rank, skew {args.skew:g}): {sim.iteration_s * 1e3:.2f} ms "
                f"(closed form {best.t_iter * 1e3:.2f} ms)")
     print("\n".join(why))
-    _write_plan(args.out, best, req, why, sim.iteration_s, gpu=True)
+    _write_plan(args.out, plan_document(best, req, why, sim.iteration_s, gpu=True))
     return 0
 
 
 def _plan_local(args) -> int:
-    from scheduler.tuner.local import search_local
-    from scheduler.tuner.profile import Profile
     profile = Profile.load(args.profile)
     req = Requirements(tpot_slo_s=args.tpot_ms / 1e3, ctx=args.ctx or 128, dtype_bytes=profile.dtype_bytes,
                        balance_limit=args.balance_limit, allow_m1=True)
@@ -178,10 +178,17 @@ def _plan_local(args) -> int:
     say(f"{profile.model.name} on {profile.machine}: simulated {result.evaluated} of {result.candidates} candidates "
         f"in {result.seconds:.2f}s")
     _print_table(result.plans[:args.top], per_cost=False)
-    why = _why(result.best, result)
+    why = reasons(result.best, result)
     print("\n".join(why))
-    _write_plan(args.out, result.best, req, why, result.best.t_iter, gpu=False, dtype=profile.dtype)
+    _write_plan(args.out, plan_document(result.best, req, why, result.best.t_iter, gpu=False, dtype=profile.dtype))
     return 0
+
+
+def _write_plan(path: str, doc: dict) -> None:
+    if path == "-":
+        return
+    write_plan(path, doc)
+    say(f"wrote {path} (use: shuttle run --plan {path} … / shuttle serve --plan {path})")
 
 
 def _print_table(plans: list[Plan], per_cost: bool) -> None:
@@ -198,70 +205,22 @@ def _print_table(plans: list[Plan], per_cost: bool) -> None:
         print(row)
 
 
-def _why(best: Plan, result) -> list[str]:
-    t_f = max(best.t_a, best.t_e)
-    r = best.t_c / t_f
-    why = [f"chosen: {best.n_a} attention rank(s) on {best.attention_gpu} (tp {best.tp_a}), {best.n_e} expert rank(s) on "
-           f"{best.expert_gpu} (tp {best.tp_e}), m={best.m}, B={best.batch}: {best.tokens_per_s:.0f} tokens/s, "
-           f"TPOT {best.t_iter * 1e3:.1f} ms",
-           f"T_a={best.t_a * 1e3:.3f} ms, T_e={best.t_e * 1e3:.3f} ms, T_c={best.t_c * 1e3:.3f} ms: T_c/T_f = {r:.2f}; "
-           f"ping-pong needs m ≥ 2(1 + T_c/T_f) = {2 * (1 + r):.2f}; the paper's rule gives m = {paper_m_rule(best.t_c, t_f)}"]
-    why += ["rejected: " + line for line in result.why_rejected()]
-    return why
-
-
-def _write_plan(path: str, best: Plan, req: Requirements, why: list[str], simulated_s: float, gpu: bool,
-                dtype: str | None = None) -> None:
-    if path == "-":
-        return
-    import yaml
-    seqs = math.ceil(best.batch / best.n_a)
-    engine = {"attention_ranks": best.n_a, "expert_ranks": best.n_e, "micro_batches": best.m,
-              "max_num_seqs": seqs, "max_batch_tokens": max(512, seqs)}
-    if dtype:
-        engine["dtype"] = dtype
-    elif gpu:
-        engine["dtype"] = "bfloat16" if req.dtype_bytes == 2 else "float32"
-    doc = {
-        "engine": engine,
-        "plan": {"attention_gpu": best.attention_gpu, "attention_tp": best.tp_a, "expert_gpu": best.expert_gpu,
-                 "expert_tp": best.tp_e, "global_batch": best.batch, "gpus": best.gpus if gpu else None,
-                 "relative_cost": round(best.cost, 3) if gpu else None, "context": req.ctx, "tpot_slo_ms": req.tpot_slo_s * 1e3},
-        "prediction": {"tpot_ms": round(best.t_iter * 1e3, 3), "simulated_tpot_ms": round(simulated_s * 1e3, 3),
-                       "tokens_per_s": round(best.tokens_per_s, 1), "t_attention_ms": round(best.t_a * 1e3, 4),
-                       "t_expert_ms": round(best.t_e * 1e3, 4), "t_transfer_ms": round(best.t_c * 1e3, 4)},
-        "why": why,
-    }
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f, sort_keys=False, allow_unicode=True, width=200)
-    say(f"wrote {path} (use: shuttle run --plan {path} … / shuttle serve --plan {path})")
-
-
 # ---- timeline ----------------------------------------------------------------------------------
 def cmd_timeline(args) -> int:
-    from scheduler.tuner.local import predict_local
-    from scheduler.tuner.profile import Profile
-    from shuttle.tune_timeline import draw_timeline
+    from tuner.timeline import decode_timelines, draw_timeline      # Ray and matplotlib: only for this command
     profile = Profile.load(args.profile)
     n_a, n_e, m, batch = args.attention_ranks, args.expert_ranks, args.micro_batches, args.batch
     if args.plan:
-        from shuttle.plan_file import load_plan_values
-        import yaml
         values = load_plan_values(args.plan)
         n_a, n_e, m = values.get("attention_ranks", n_a), values.get("expert_ranks", n_e), values.get("micro_batches", m)
         with open(args.plan) as f:
             batch = batch or (yaml.safe_load(f).get("plan") or {}).get("global_batch")
     batch = batch or 16
-    sim = predict_local(profile, n_a, n_e, m, batch, args.ctx, args.skew)
-    panels = [(f"predicted (A={n_a}, E={n_e}, m={m}, B={batch})", sim.spans, sim.iteration_s)]
-    if args.measure:
-        if not args.model:
-            raise ValueError("--measure needs --model DIR (the checkpoint to run)")
-        from shuttle.tune_measure import measure_decode
-        measured = measure_decode(args.model, n_a, n_e, m, batch, int(args.ctx), steps=4, dtype=profile.dtype, progress=say)
-        sim = predict_local(profile, n_a, n_e, m, batch, measured.ctx, args.skew)     # at the context the run reached
-        panels[0] = (panels[0][0], sim.spans, sim.iteration_s)
-        panels.append((f"measured (A={n_a}, E={n_e}, m={m}, B={batch})", measured.spans, measured.step_s))
+    if args.measure and not args.model:
+        raise ValueError("--measure needs --model DIR (the checkpoint to run)")
+    panels, sim, measured = decode_timelines(profile, n_a, n_e, m, batch, args.ctx, args.skew,
+                                             model_dir=args.model if args.measure else None, progress=say)
+    if measured is not None:
         say(f"predicted {sim.iteration_s * 1e3:.1f} ms, measured {measured.step_s * 1e3:.1f} ms per decode step")
     info = draw_timeline(panels, args.out, title=f"{profile.model.name}: one decode iteration")
     say(f"wrote {args.out} ({sum(info['bars'].values())} bars on lanes {', '.join(info['lanes'])})")

@@ -12,7 +12,7 @@ from expert_node.experts import ExpertShard
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import load_spec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, RankGroup
+from scheduler.engine import Engine, InProcessRanks
 from scheduler.placement import Placement
 from transfer.base import AttentionEndpoint
 
@@ -31,7 +31,7 @@ class DirectTransfer(AttentionEndpoint):
         pass
 
 
-class LocalRanks(RankGroup):
+class LocalRanks(InProcessRanks):
     def __init__(self, model_dir: str, config: EngineConfig, device: str):
         spec = load_spec(model_dir)   # what cluster.deployment.describe does, without importing Ray
         self.limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
@@ -45,9 +45,6 @@ class LocalRanks(RankGroup):
 
     def run_step(self, plans):
         return [a.step(p) for a, p in zip(self.attention, plans)]
-
-    def shutdown(self):
-        pass
 
 
 def local_engine(model_dir: str, config: EngineConfig, device: str = "cpu", **engine_options) -> Engine:

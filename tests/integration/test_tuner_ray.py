@@ -64,14 +64,13 @@ def test_plan_from_the_profile_and_run_it(profiled, tmp_path, capsys):
 
 
 def test_measured_timeline_png_has_every_lane(profiled, tmp_path):
-    from scheduler.tuner.local import predict_local
-    from scheduler.tuner.profile import Profile
-    from shuttle.tune_measure import measure_decode
-    from shuttle.tune_timeline import draw_timeline
+    from tuner.profile import Profile
+    from tuner.measure import measure_decode
+    from tuner.timeline import draw_timeline
     model, path, _, _ = profiled
     profile = Profile.load(str(path))
     measured = measure_decode(model, 1, 2, 2, 8, 16, steps=3)
-    predicted = predict_local(profile, 1, 2, 2, 8, 18)
+    predicted = profile.predict(1, 2, 2, 8, 18)
     png = tmp_path / "timeline.png"
     info = draw_timeline([("predicted", predicted.spans, predicted.iteration_s), ("measured", measured.spans, measured.step_s)], str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -6,7 +6,7 @@ import threading
 import time
 
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, RankGroup
+from scheduler.engine import Engine, InProcessRanks
 from scheduler.messages import PENDING_TOKEN, SampledToken, StepResult
 from serving.server import ServedModel
 
@@ -18,7 +18,7 @@ def fake_token(last_token: int, position: int) -> int:
     return 1 + (last_token * 7 + position * 13) % (VOCAB - 1)
 
 
-class FakeRanks(RankGroup):
+class FakeRanks(InProcessRanks):
     """Attention ranks that sample `fake_token`; optional per-step delay and a step that fails."""
 
     def __init__(self, step_s: float = 0.0, fail_at_step: int | None = None):

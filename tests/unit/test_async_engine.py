@@ -93,7 +93,7 @@ def test_engine_failure_fails_every_request_and_later_submits():
 
 
 def test_shutdown_stops_the_ranks_and_is_not_a_failure():
-    engine = fake_engine()
+    engine = fake_engine(step_s=0.02)      # 200 tokens take 4 s: the shutdown lands while the request runs
     failures = []
 
     async def go(ae):

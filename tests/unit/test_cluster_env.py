@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.deployment import DeploymentError, _rank_env, _small_step_threads, _threads
+from cluster.deployment import DeploymentError, _rank_env, node_threads
 from cluster.inventory import NodeInventory
 from cluster.roles import plan_layout
 from scheduler.config import EngineConfig
@@ -35,24 +35,37 @@ def test_a_node_without_a_route_is_named():
         _rank_env(node("10.1.0.3", error="OSError: Network is unreachable"), "10.1.0.1", cluster=True)
 
 
+class _Dims:      # a model's dimensions as node_threads reads them (big enough for threads to pay)
+    hidden_size, moe_intermediate_size = 512, 1024
+
+
 def test_threads_split_each_nodes_cores():
     a, e = node("10.1.0.1"), node("10.1.0.2", cpus=16.0)
     layout = plan_layout([a, e], 2, 4, cpus_per_rank=1.0)            # experts on the 16-core node
     config = EngineConfig(attention_ranks=2, expert_ranks=4, micro_batches=2)
-    assert _threads(config, layout, e) == 4 and _threads(config, layout, a) == 4
+    assert node_threads(config, layout, e, _Dims).expert == 4 and node_threads(config, layout, a, _Dims).attention[1] == 4
     one = node("127.0.0.1", cpus=2.0)
     shared = plan_layout([one], 1, 1)
-    assert _threads(EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1), shared, one) == 2   # take turns
-    assert _threads(EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=2), shared, one) == 1   # overlap
+    assert node_threads(EngineConfig(micro_batches=1), shared, one, _Dims).expert == 2   # take turns
+    assert node_threads(EngineConfig(micro_batches=2), shared, one, _Dims).expert == 1   # overlap
 
 
 def test_attention_layers_of_decode_steps_run_on_one_thread_where_ranks_take_turns_on_cpus():
     one = node("127.0.0.1", cpus=2.0)
     shared = plan_layout([one], 1, 1)
-    take_turns = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=1)
-    assert _small_step_threads(take_turns, shared, one.node_id) == 1
-    assert _small_step_threads(EngineConfig(micro_batches=2), shared, one.node_id) is None          # both sides busy at once
-    assert _small_step_threads(EngineConfig(threads_per_rank=2), shared, one.node_id) is None       # the user's count
-    a, e = node("10.1.0.1"), node("10.1.0.2")
-    apart = plan_layout([a, e], 1, 1, cpus_per_rank=8.0)
-    assert _small_step_threads(take_turns, apart, apart.attention_nodes[0]) is None   # no expert rank beside it
+    assert node_threads(EngineConfig(micro_batches=1), shared, one, _Dims).attention == (1, 2)
+    assert node_threads(EngineConfig(micro_batches=2), shared, one, _Dims).attention == (1, 1)          # both sides busy at once
+    assert node_threads(EngineConfig(threads_per_rank=2), shared, one, _Dims).attention == (2, 2)       # the user's count
+    nodes = {n.node_id: n for n in (node("10.1.0.1"), node("10.1.0.2"))}
+    apart = plan_layout(list(nodes.values()), 1, 1, cpus_per_rank=8.0)
+    assert apart.attention_nodes != apart.expert_nodes
+    home = nodes[apart.attention_nodes[0]]
+    assert node_threads(EngineConfig(micro_batches=1), apart, home, _Dims).attention == (8, 8)   # no expert rank beside it
+
+
+def test_small_models_run_one_thread_per_rank():
+    class Tiny:
+        hidden_size, moe_intermediate_size = 64, 128
+    one = node("127.0.0.1", cpus=2.0)
+    threads = node_threads(EngineConfig(micro_batches=1), plan_layout([one], 1, 1), one, Tiny)
+    assert threads.attention == (1, 1) and threads.expert == 1

@@ -3,7 +3,7 @@
 import pytest
 
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, RankGroup
+from scheduler.engine import Engine, InProcessRanks
 from scheduler.messages import SampledToken, StepResult
 from scheduler.microbatch import chunk_work, split_micro_batches
 from scheduler.messages import SeqChunk
@@ -20,7 +20,7 @@ def make(blocks=64, block_size=4, max_len=64, **cfg):
     return Scheduler(config, limits)
 
 
-class EchoRanks(RankGroup):
+class EchoRanks(InProcessRanks):
     """Samples `next_token(request_id, output_index)` for each sampled chunk; records the plans."""
 
     def __init__(self, next_token=lambda rid, i: 10 + i):
@@ -32,9 +32,6 @@ class EchoRanks(RankGroup):
         return [StepResult(p.step, r, [SampledToken(c.request_id, self.next_token(c.request_id, c.output_index), -0.5)
                                        for mb in p.micro_batches for c in mb if c.sample])
                 for r, p in enumerate(plans)]
-
-    def shutdown(self):
-        pass
 
 
 def test_rejects_what_can_never_fit_and_bad_input():

@@ -5,15 +5,17 @@ import random
 
 import pytest
 
-from scheduler.tuner.costs import RooflineCosts, experts_hit
-from scheduler.tuner.fit import best_fit, features, fit_form
-from scheduler.tuner.hardware import BUILTIN, load_catalogue
-from scheduler.tuner.local import predict_local, rank_threads, search_local
-from scheduler.tuner.model_shape import PRESETS, ModelShape
-from scheduler.tuner.profile import Profile
-from scheduler.tuner.search import InfeasibleError, Requirements
-from scheduler.tuner.simulate import SimPlan, simulate
-from scheduler.tuner.trace import spans_from_trace
+from cluster.threads import rank_threads, small_step_threads, useful_threads
+from models.spec import spec_from_config
+from tuner.costs import RooflineCosts, experts_hit
+from tuner.fit import best_fit, features, fit_form
+from tuner.hardware import BUILTIN, load_catalogue
+from tuner.local import search_local
+from tuner.model_shape import PRESETS, ModelShape
+from tuner.profile import Profile
+from tuner.search import InfeasibleError, Requirements
+from tuner.simulate import SimPlan, simulate
+from tuner.trace import spans_from_trace
 from scheduler.messages import TraceEvent
 
 TINY = ModelShape("tiny", num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8,
@@ -94,13 +96,26 @@ def test_skewed_expert_load_slows_the_iteration():
 
 def test_shared_host_cores_slow_concurrent_ranks():
     profile = _synthetic_profile(cores=2)
-    alone = predict_local(profile, 1, 1, 2, 16, 64, threads=1)
-    crowded = predict_local(profile, 2, 2, 2, 16, 64, threads=1)      # 4 single-thread ranks on 2 cores
+    alone = profile.predict(1, 1, 2, 16, 64, threads=1)
+    crowded = profile.predict(2, 2, 2, 16, 64, threads=1)      # 4 single-thread ranks on 2 cores
     per_rank_work = sum(crowded.busy.values())
     assert crowded.iteration_s > per_rank_work / 4 * 1.5              # not 4 ranks running freely
     assert rank_threads(2, 1, 1, 1) == 2 and rank_threads(2, 1, 1, 2) == 1 and rank_threads(2, 2, 3, 2) == 1
     small = ModelShape("small", 2, 64, 4, 2, 16, 8, 2, 96, 256)            # too small for threads to help
-    assert rank_threads(2, 1, 1, 1, small) == 1 and rank_threads(2, 1, 1, 1, TINY) == 2
+    assert useful_threads(2, small.hidden_size, small.expert_intermediate) == 1
+    assert useful_threads(2, TINY.hidden_size, TINY.expert_intermediate) == 2
+
+
+def test_thread_policy_splits_a_nodes_cores_among_its_ranks():
+    assert rank_threads(8, 2, 1, 1) == 4 and rank_threads(8, 2, 1, 2) == 2      # take turns / share at once
+    assert rank_threads(8, 3, 0, 1) == 2 and rank_threads(8, 0, 0, 1) == 8      # a node with one side only
+    assert rank_threads(2, 4, 4, 2) == 1 and rank_threads(8, 2, 2, 2, threads_per_rank=3) == 3
+    assert useful_threads(4, 64, 96, threads_per_rank=4) == 4                   # the user's count wins
+    assert small_step_threads("cpu", 1, expert_ranks=1) == 1
+    assert small_step_threads("cpu", 2, expert_ranks=1) is None                  # both sides busy at once
+    assert small_step_threads("cpu", 1, expert_ranks=0) is None                  # no expert rank beside it
+    assert small_step_threads("cuda", 1, expert_ranks=1) is None
+    assert small_step_threads("cpu", 1, expert_ranks=1, threads_per_rank=2) is None
 
 
 def _synthetic_profile(cores=2) -> Profile:
@@ -136,9 +151,9 @@ def test_local_search_picks_the_fastest_simulated_shape():
     best = result.best
     assert best.t_iter <= 0.05
     brute = max(((a, e, m, b) for a in (1, 2) for e in (1, 2) for m in (1, 2, 3, 4) for b in (4, 8, 16, 32) if b >= a * m),
-                key=lambda s: (b := s[3]) / predict_local(profile, *s, 64, record=False).iteration_s
-                if predict_local(profile, *s, 64, record=False).iteration_s <= 0.05 else 0)
-    assert best.tokens_per_s == pytest.approx(brute[3] / predict_local(profile, *brute, 64, record=False).iteration_s)
+                key=lambda s: (b := s[3]) / profile.predict(*s, 64, record=False).iteration_s
+                if profile.predict(*s, 64, record=False).iteration_s <= 0.05 else 0)
+    assert best.tokens_per_s == pytest.approx(brute[3] / profile.predict(*brute, 64, record=False).iteration_s)
     with pytest.raises(InfeasibleError, match="TPOT SLO"):
         search_local(profile, Requirements(tpot_slo_s=1e-4, ctx=64, allow_m1=True))
 
@@ -157,13 +172,13 @@ def test_catalogue_file_overrides_and_extends(tmp_path):
         load_catalogue(str(f), include_local=False)
 
 
-def test_model_shape_from_hf_config_and_presets():
-    cfg = {"num_attention_heads": 8, "hidden_size": 512, "num_local_experts": 16, "intermediate_size": 1024,
+def test_model_shape_from_the_loaders_spec_and_presets():
+    cfg = {"model_type": "mixtral", "num_attention_heads": 8, "hidden_size": 512, "num_local_experts": 16, "intermediate_size": 1024,
            "num_hidden_layers": 8, "num_key_value_heads": 2, "num_experts_per_tok": 2, "vocab_size": 32000}
-    s = ModelShape.from_hf_config(cfg)
+    s = ModelShape.from_spec(spec_from_config(cfg))
     assert (s.num_experts, s.top_k, s.head_dim, s.expert_intermediate) == (16, 2, 64, 1024)
     with pytest.raises(ValueError, match="not a MoE model"):
-        ModelShape.from_hf_config({**cfg, "num_local_experts": None})
+        spec_from_config({**cfg, "num_local_experts": None})
     sizes = {k: v.total_params() / 1e9 for k, v in PRESETS.items()}
     assert 125 < sizes["dbrx-132b"] < 140 and 305 < sizes["scaled-moe-317b"] < 325
 
@@ -185,9 +200,9 @@ def test_measured_trace_becomes_spans_with_derived_transfers():
 
 def test_interference_only_touches_ranks_that_overlap_or_crowd_the_cores():
     profile = _synthetic_profile(cores=2)
-    base = {s: predict_local(profile, *s, 64, record=False).iteration_s for s in ((1, 1, 1, 16), (1, 1, 2, 16), (2, 2, 2, 32))}
+    base = {s: profile.predict(*s, 64, record=False).iteration_s for s in ((1, 1, 1, 16), (1, 1, 2, 16), (2, 2, 2, 32))}
     profile.interference = {"overlap_slowdown": 0.5, "wakeup_latency_s": 1e-3}
-    after = {s: predict_local(profile, *s, 64, record=False).iteration_s for s in base}
+    after = {s: profile.predict(*s, 64, record=False).iteration_s for s in base}
     assert after[(1, 1, 1, 16)] == pytest.approx(base[(1, 1, 1, 16)])    # the two sides take turns: nothing overlaps
     assert after[(1, 1, 2, 16)] > base[(1, 1, 2, 16)] * 1.05                # ping-pong: both sides compute at once
     assert after[(2, 2, 2, 32)] > base[(2, 2, 2, 32)] * 1.05
@@ -198,12 +213,12 @@ def test_calibration_recovers_the_interference_that_made_the_runs(tmp_path):
     profile = _synthetic_profile(cores=2)
     profile.interference = dict(truth)
     shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
-    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    profile.samples["calibration"] = [[*s, 64, profile.predict(*s, 64, record=False).iteration_s] for s in shapes]
     profile.calibrate()
     got = profile.interference
     assert got["runs"] == 4 and got["mean_abs_log_error"] < 0.01
     for s, (*_, t) in zip(shapes, profile.samples["calibration"]):
-        assert predict_local(profile, *s, 64, record=False).iteration_s == pytest.approx(t, rel=0.02)
+        assert profile.predict(*s, 64, record=False).iteration_s == pytest.approx(t, rel=0.02)
     assert got["overlap_slowdown"] == pytest.approx(0.3, abs=0.05)
     assert got["wakeup_latency_s"] == pytest.approx(0.5e-3, abs=0.1e-3)
     assert any("interference: cores shared, compute spans x1.00" in line and "overlap slowdown 0.30 (fitted)" in line
@@ -244,7 +259,7 @@ def test_samples_taken_in_a_slow_spell_are_rescaled_to_the_reference_speed(tmp_p
 
 
 def test_speed_probe_times_its_fixed_workload():
-    from shuttle.tune_speed import speed_probe
+    from tuner.speed import speed_probe
     import torch
     threads = torch.get_num_threads()
     t = speed_probe(repeats=3)
@@ -259,7 +274,7 @@ def test_a_measured_contention_fixes_the_slowdown_and_calibration_fits_the_wakeu
     profile = _synthetic_profile(cores=2)
     profile.interference = dict(truth)
     shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
-    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    profile.samples["calibration"] = [[*s, 64, profile.predict(*s, 64, record=False).iteration_s] for s in shapes]
     profile.samples["contention"] = {"alone_s": 8e-3, "together_s": 10e-3, "slowdown": 0.25}
     profile.calibrate()
     got = profile.interference
@@ -300,7 +315,7 @@ def test_calibration_reads_the_compute_scale_and_slowdown_off_the_runs_spans():
     profile = _synthetic_profile(cores=2)
     shapes = [(1, 2, 1, 8), (1, 1, 2, 16), (2, 1, 1, 8), (2, 2, 2, 32)]
     profile.interference = dict(truth)
-    profile.samples["calibration"] = [[*s, 64, predict_local(profile, *s, 64, record=False).iteration_s] for s in shapes]
+    profile.samples["calibration"] = [[*s, 64, profile.predict(*s, 64, record=False).iteration_s] for s in shapes]
     spans = []
     for a, e, m, b in shapes:      # spans the runs would show: alone-time × scale, × (1 + slowdown) when the sides overlap
         att, exp = profile.alone_times(a, e, m, b, 64)
@@ -320,7 +335,7 @@ def test_calibration_reads_the_compute_scale_and_slowdown_off_the_runs_spans():
 def test_queued_cores_run_at_most_as_many_spans_as_cores_at_full_speed():
     profile = _synthetic_profile(cores=2)
     profile.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0, "core_policy": "queue"}
-    queued = predict_local(profile, 2, 2, 2, 16, 64, threads=1)        # 4 single-thread ranks on 2 cores
+    queued = profile.predict(2, 2, 2, 16, 64, threads=1)        # 4 single-thread ranks on 2 cores
     compute = [s for s in queued.spans if s.kind in ("attention", "expert", "head")]
     for s in compute:                                                    # never more than 2 at once
         assert sum(1 for o in compute if o.start < s.start + 1e-12 < o.end) <= 2
@@ -331,6 +346,6 @@ def test_queued_cores_run_at_most_as_many_spans_as_cores_at_full_speed():
     for lane, busy in queued.busy.items():                              # each span ran at full speed
         assert by_lane[lane] == pytest.approx(busy)
     profile.interference["core_policy"] = "share"
-    shared = predict_local(profile, 2, 2, 2, 16, 64, threads=1)
+    shared = profile.predict(2, 2, 2, 16, 64, threads=1)
     assert sum(s.end - s.start for s in shared.spans if s.kind == "attention") > \
         sum(s.end - s.start for s in compute if s.kind == "attention") * 1.2   # shared: spans stretch instead

@@ -6,10 +6,10 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from scheduler.tuner.costs import RooflineCosts, StageCosts
-from scheduler.tuner.hardware import BUILTIN, GpuType
-from scheduler.tuner.model_shape import PRESETS, ModelShape
-from scheduler.tuner.search import (InfeasibleError, Requirements, SearchSpace, brute_force, min_micro_batches,
+from tuner.costs import RooflineCosts, StageCosts
+from tuner.hardware import BUILTIN, GpuType
+from tuner.model_shape import PRESETS, ModelShape
+from tuner.search import (InfeasibleError, Requirements, SearchSpace, brute_force, min_micro_batches,
                                     paper_m_rule, search)
 
 SHAPE = ModelShape("synthetic", num_layers=12, hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128,

@@ -27,10 +27,12 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from scheduler.tuner.costs import ProfiledCosts, experts_hit
-from scheduler.tuner.fit import LinearFit, best_fit, features
-from scheduler.tuner.model_shape import ModelShape
-from scheduler.tuner.trace import quantile
+from cluster.threads import rank_threads, useful_threads
+from tuner.costs import ProfiledCosts, experts_hit
+from tuner.fit import best_fit, features
+from tuner.model_shape import ModelShape
+from tuner.simulate import SimPlan, SimResult, simulate
+from tuner.trace import quantile
 
 ATTENTION_FORMS = [("b", "1"), ("b", "b*ctx", "1"), ("b*ctx", "1")]
 EXPERT_FORMS = [("pairs", "1"), ("pairs", "hits", "1"), ("hits", "1"), ("pairs", "hits")]
@@ -51,7 +53,7 @@ class Profile:
     fits: dict = field(default_factory=dict)
     interference: dict = field(default_factory=lambda: {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0})
     # {"reference_s", "probes", "range_s"} when every sample was stamped with the machine's speed probe
-    # (shuttle/tune_speed.py) and rescaled to the reference (median) probe; empty for older profiles
+    # (tuner/speed.py) and rescaled to the reference (median) probe; empty for older profiles
     speed: dict = field(default_factory=dict)
 
     @property
@@ -126,6 +128,29 @@ class Profile:
                              compute_scale=self._compute_scale(t),
                              core_policy=self.interference.get("core_policy", "share"))
 
+    # ---- plans on the profiled machine ---------------------------------------------------------
+    def rank_threads(self, n_a: int, n_e: int, m: int) -> int:
+        """Threads each rank of a deployment (n_a, n_e, m) runs on the profiled machine: the deployment's
+        rule (cluster/threads.py) with every rank on this one node."""
+        threads = rank_threads(self.cores, n_a, n_e, m)
+        return useful_threads(threads, self.model.hidden_size, self.model.expert_intermediate)
+
+    def sim_plan(self, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0, threads: int = 0) -> SimPlan:
+        t = threads or self.rank_threads(n_a, n_e, m)
+        costs = self.costs(t)
+        return SimPlan(self.model, n_a, n_e, m, batch, ctx, costs, costs, dtype_bytes=self.dtype_bytes,
+                       threads_a=t, threads_e=t, skew=skew)
+
+    def predict(self, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0, threads: int = 0,
+                record: bool = True) -> SimResult:
+        """One decode iteration of the deployment (n_a, n_e, m, global batch) on the profiled machine, every
+        rank sharing its cores."""
+        if n_e > self.model.num_experts:
+            raise ValueError(f"{n_e} expert ranks for {self.model.num_experts} experts: some rank would own none")
+        if batch < n_a * m:
+            raise ValueError(f"batch {batch} < attention ranks × micro-batches = {n_a * m}: some micro-batch would be empty")
+        return simulate(self.sim_plan(n_a, n_e, m, batch, ctx, skew, threads), record=record)
+
     def rescale_to_reference(self, stamps: list[tuple[float, list[tuple]]], apply: bool = True) -> "Profile":
         """`stamps`: per measurement, (speed probe seconds, [(bucket, threads key or None, sample index), ...]).
 
@@ -171,8 +196,7 @@ class Profile:
 
     def alone_times(self, a: int, e: int, m: int, b: int, ctx: float) -> tuple[float, float]:
         """(T_a, T_e) of one layer of one micro-batch of shape (a, e, m, b) from the fits, nothing else running."""
-        from scheduler.tuner.local import rank_threads   # local.py imports this module
-        key = str(self._profiled_threads(rank_threads(self.cores, a, e, m, self.model)))
+        key = str(self._profiled_threads(self.rank_threads(a, e, m)))
         sh = self.model
         b_mb = b / (a * m)
         tokens = b / m
@@ -187,15 +211,14 @@ class Profile:
         if not runs:
             self.interference = {"overlap_slowdown": 0.0, "wakeup_latency_s": 0.0}
             return self
-        from scheduler.tuner.local import predict_local, rank_threads   # local.py imports this module
-        used = sorted({self._profiled_threads(rank_threads(self.cores, a, e, m, self.model)) for a, e, m, *_ in runs})
+        used = sorted({self._profiled_threads(self.rank_threads(a, e, m)) for a, e, m, *_ in runs})
 
         policy = "share"
 
         def error(s: float, d: float, c: float = 1.0) -> float:
             self.interference = {"overlap_slowdown": s, "wakeup_latency_s": d, "compute_scale": c, "compute_scale_threads": used,
                                  "core_policy": policy}
-            return sum(abs(math.log(predict_local(self, a, e, m, b, ctx, record=False).iteration_s / t))
+            return sum(abs(math.log(self.predict(a, e, m, b, ctx, record=False).iteration_s / t))
                        for a, e, m, b, ctx, t in runs) / len(runs)
 
         contention = self.samples.get("contention") or {}
@@ -218,10 +241,10 @@ class Profile:
             _, policy, d = min(best)
             how = "spans"
         elif "slowdown" in contention:
-            # The slowdown was measured directly (tune_speed.concurrent_slowdown). Left to the step times: the
+            # The slowdown was measured directly (speed.concurrent_slowdown). Left to the step times: the
             # wake-up latency, and how much slower compute spans run in a whole deployment than in the
-            # profile's turn-taking one. (Fitting slowdown and latency to three step times instead traded
-            # one for the other: a run gave slowdown 1.04 while the spans at m >= 2 were no slower than alone.)
+            # profile's turn-taking one. (Fitting slowdown and latency to step times instead traded one
+            # for the other: docs/tuning.md, "Calibration".)
             s = contention["slowdown"]
             # coarse grid, then a finer one around its best point; latency outer and ascending, so that
             # where the runs cannot tell latencies apart the smallest wins

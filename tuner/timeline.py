@@ -10,7 +10,26 @@ take turns.
 
 from __future__ import annotations
 
-from scheduler.tuner.simulate import Span
+from tuner.measure import Measured, measure_decode
+from tuner.profile import Profile
+from tuner.simulate import SimResult, Span
+
+Panel = tuple[str, list[Span], float]          # (title, spans, iteration seconds)
+
+
+def decode_timelines(profile: Profile, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0,
+                     model_dir: str | None = None, progress=lambda msg: None
+                     ) -> tuple[list[Panel], SimResult, Measured | None]:
+    """The panels to draw for a deployment (n_a, n_e, m, global batch): the profile's prediction and, with
+    `model_dir`, a real run of it beneath (then predicted at the context the run reached)."""
+    shape = f"A={n_a}, E={n_e}, m={m}, B={batch}"
+    sim = profile.predict(n_a, n_e, m, batch, ctx, skew)
+    if model_dir is None:
+        return [(f"predicted ({shape})", sim.spans, sim.iteration_s)], sim, None
+    measured = measure_decode(model_dir, n_a, n_e, m, batch, int(ctx), steps=4, dtype=profile.dtype, progress=progress)
+    sim = profile.predict(n_a, n_e, m, batch, measured.ctx, skew)
+    return ([(f"predicted ({shape})", sim.spans, sim.iteration_s), (f"measured ({shape})", measured.spans, measured.step_s)],
+            sim, measured)
 
 
 def _lane_order(spans: list[Span]) -> list[str]:
@@ -20,8 +39,8 @@ def _lane_order(spans: list[Span]) -> list[str]:
     return att + (["transfer"] if "transfer" in lanes else []) + exp
 
 
-def draw_timeline(panels: list[tuple[str, list[Span], float]], path: str, title: str = "") -> dict:
-    """panels: (title, spans, iteration seconds). Writes a PNG; returns {"lanes": [...], "bars": {lane: n}}."""
+def draw_timeline(panels: list[Panel], path: str, title: str = "") -> dict:
+    """Writes a PNG, one panel above the other; returns {"lanes": [...], "bars": {lane: n}}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

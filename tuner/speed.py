@@ -1,34 +1,30 @@
 """The machine's speed right now: a short fixed workload, timed, to put measurements minutes apart on one scale.
 
-A shared VM's speed wanders (on the 2-core machine we measure on, the same decode step took 13 to 27
-ms within one minute, with nothing else of ours running). A profile is taken over minutes and a
-deployment is measured minutes later; without a common scale the prediction error is mostly the
-machine's drift. `speed_probe()` times a fixed mix of the kernels a decode step spends its time in
-(small-row GEMMs against a weight matrix, a KV-style row gather, a softmax) on one thread. The profile
-records it around every sample and stores stage times at its reference speed (the median probe);
-a prediction for a later moment is scaled by probe_then / reference (`Profile.speed_factor`).
-
-Measured here (the in-process decode step vs the probe taken right before and after it, 12-step
-windows over 50 s): correlation 0.77; the step time's coefficient of variation 0.18, that of
-step / probe 0.12. It removes most of the slow drift and little of the sub-second jitter.
+A shared VM's speed wanders (docs/tuning.md, "The speed probe"). A profile is taken over minutes
+and a deployment is measured minutes later; without a common scale the prediction error is mostly
+the machine's drift. `speed_probe()` times a fixed mix of the kernels a decode step spends its time
+in (small-row GEMMs against a weight matrix, a KV-style row gather, a softmax) on one thread. The
+profile records it around every sample and stores stage times at its reference speed (the median
+probe); a prediction for a later moment is scaled by probe_then / reference (`Profile.speed_factor`).
+It removes most of the slow drift and little of the sub-second jitter.
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing as mp
 import time
 
 import torch
 
-_STATE: dict = {}
 
-
+@functools.cache
 def _inputs() -> dict:
-    if not _STATE:
-        g = torch.Generator().manual_seed(0)
-        _STATE.update(w=torch.randn(256, 768, generator=g), x=torch.randn(32, 256, generator=g),
-                      pool=torch.randn(4096, 16, 128, generator=g), idx=torch.randint(0, 4096, (1024,), generator=g),
-                      out=torch.empty(1024, 16, 128))
-    return _STATE
+    """The workload's tensors, made once per process (the probe's own allocations would be timed otherwise)."""
+    g = torch.Generator().manual_seed(0)
+    return dict(w=torch.randn(256, 768, generator=g), x=torch.randn(32, 256, generator=g),
+                pool=torch.randn(4096, 16, 128, generator=g), idx=torch.randint(0, 4096, (1024,), generator=g),
+                out=torch.empty(1024, 16, 128))
 
 
 def _once(s: dict) -> float:
@@ -42,7 +38,7 @@ def _once(s: dict) -> float:
 
 
 def speed_probe(repeats: int = 7) -> float:
-    """Median seconds of the fixed workload on one thread (~8 ms each on the 2-core VM; lower is faster)."""
+    """Median seconds of the fixed workload on one thread (lower is faster)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     s = _inputs()
@@ -68,9 +64,7 @@ def concurrent_slowdown(processes: int, repeats: int = 15) -> dict:
     returns {"alone_s", "together_s", "slowdown"} with slowdown = (together / alone - 1) / (processes - 1):
     the simulator's `overlap_slowdown` (each of k ranks computing at once runs 1 + s·(k-1) times slower),
     measured directly instead of fitted. Needs processes ≤ the cores: beyond that the simulator's core
-    sharing already accounts for the wait. Measured on the 2-core VM: a pure copy 0.4, a pure GEMM 0.0
-    (the two cores are real cores; they share the memory bus)."""
-    import multiprocessing as mp
+    sharing already accounts for the wait."""
     if processes < 2:
         raise ValueError(f"need at least 2 processes to measure contention, got {processes}")
     ctx = mp.get_context("spawn")

@@ -9,12 +9,16 @@ you pay. A YAML file extends or overrides entries:
       MyGPU: {memory_gb: 64, bandwidth_gbs: 2000, bf16_tflops: 400, price: 0.6, net_gbs: 50}
 
 Local accelerators come from NVML through `cluster.inventory.local_gpus()` (owned by cluster/);
-on a machine without NVML (or before that module exists) the list is empty, which is normal.
+on a machine without NVML the list is empty, which is normal.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
+
+import yaml
+
+from cluster.inventory import local_gpus
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,6 @@ def load_catalogue(path: str | None = None, include_local: bool = True) -> dict[
 
 
 def _read_overrides(path: str, catalogue: dict[str, GpuType]) -> dict[str, GpuType]:
-    import yaml
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -96,10 +99,6 @@ def _read_overrides(path: str, catalogue: dict[str, GpuType]) -> dict[str, GpuTy
 
 def local_gpu_types(catalogue: dict[str, GpuType]) -> list[GpuType]:
     """NVML's GPUs as catalogue entries: known models borrow the table's FLOP/s and price."""
-    try:
-        from cluster.inventory import local_gpus
-    except ImportError:
-        return []
     found = []
     for g in local_gpus():
         name = g.name.lower()
@@ -114,7 +113,3 @@ def local_gpu_types(catalogue: dict[str, GpuType]) -> list[GpuType]:
         found.append(replace(base, name=f"local:{g.name}", memory_gb=memory_gb, bandwidth_gbs=bandwidth, local=True))
     unique = {g.name: g for g in found}
     return list(unique.values())
-
-
-def as_dict(g: GpuType) -> dict:
-    return asdict(g)

@@ -3,13 +3,13 @@
 For each thread count, one deployment (1 attention rank, 1 expert rank, m = 1, so the two sides take
 turns and every span is measured alone) decodes batches of b sequences at a few context lengths
 with tracing on; each traced step yields T_a, T_e, the LM head, the dispatch and combine transfer
-gaps (see scheduler/tuner/trace.py) and the step's overhead outside the ranks. A warm-up
+gaps (see tuner/trace.py) and the step's overhead outside the ranks. A warm-up
 configuration runs first and is discarded (the first steps of a fresh deployment are slower).
 Then a few whole multi-rank deployments (`calibration`, default A,E,M,B = 1,2,1,8, 1,1,2,16, 2,1,1,8 and 1,2,2,16)
 decode for real, traced; their spans and step times calibrate the simulator's interference terms:
 what the turn-taking profile cannot see (ranks computing at once on shared cores, messages waiting
-for a core). Without calibration runs a contention probe (tune_speed.concurrent_slowdown) stands in.
-Every measurement is bracketed by the machine's speed probe (shuttle/tune_speed.py), recorded in the
+for a core). Without calibration runs a contention probe (speed.concurrent_slowdown) stands in.
+Every measurement is bracketed by the machine's speed probe (tuner/speed.py), recorded in the
 profile; `rescale_speed=True` also rescales every sample to the profile's median speed.
 """
 
@@ -20,13 +20,16 @@ import platform
 import statistics
 import time
 
+from cluster.deployment import Deployment
 from scheduler.config import EngineConfig
+from scheduler.engine import Engine
 from scheduler.request import SamplingParams
-from scheduler.tuner.costs import token_bytes
-from scheduler.tuner.model_shape import ModelShape
-from scheduler.tuner.profile import Profile
-from shuttle.tune_speed import concurrent_slowdown, speed_probe
-from scheduler.tuner.trace import quantile, step_gaps
+from tuner.costs import token_bytes
+from tuner.measure import measure_decode
+from tuner.model_shape import ModelShape
+from tuner.profile import Profile
+from tuner.speed import concurrent_slowdown, speed_probe
+from tuner.trace import quantile, step_gaps
 
 
 def machine_name() -> str:
@@ -47,11 +50,8 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
     """`quantile` of the span durations and step times taken as each sample (0.5: medians; lower
     values filter other jobs' interference on a shared machine). `calibration`: (A, E, M, B)
     deployments run whole afterwards, to calibrate the interference terms (see profile.py).
-    `rescale_speed`: put every sample on the reference speed of the machine's speed probe (off by default: on
-    the 2-core VM two accuracy runs came out no better with it, 2/9 and 4/9 shapes within 10% against 4/9
-    and 5/9 as measured; the probes are recorded either way)."""
-    from cluster.deployment import Deployment
-    from scheduler.engine import Engine
+    `rescale_speed`: put every sample on the reference speed of the machine's speed probe (off by default:
+    the accuracy runs came out no better with it, docs/tuning.md; the probes are recorded either way)."""
 
     cores = os.cpu_count() or 1
     threads = threads or sorted({cores, 1})
@@ -69,7 +69,7 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
         progress(f"[{t} thread(s)] starting a deployment (1 attention rank, 1 expert rank, m=1)")
         dep = Deployment.start(model_dir, config, address=address, progress=lambda msg: None)
         try:
-            engine = Engine(config, dep.limits, dep)
+            engine = Engine(config, dep.limits, dep, record_trace=True)
             key = str(t)
             for bucket in ("attention", "expert", "head"):
                 profile.samples[bucket][key] = []
@@ -85,7 +85,6 @@ def run_profile(model_dir: str, dtype: str = "float32", threads: list[int] | Non
                              f"T_e {e[2] * 1e3:.2f} ms ({e[1]:.1f} experts hit), T_c {profile.samples['transfer'][-1][1] * 1e3:.2f} ms")
         finally:
             dep.shutdown()
-    from shuttle.tune_measure import measure_decode
     for i, (a, e, m, b) in enumerate(calibration):
         if e > shape.num_experts:
             progress(f"[calibration {i + 1}/{len(calibration)}] skipped: {e} expert ranks > {shape.num_experts} experts")
@@ -118,22 +117,21 @@ def _measure(engine, dep, shape: ModelShape, profile: Profile, key: str, b: int,
     ids = [engine.add_request([(7 * i + 3 * n) % shape.vocab_size for n in range(ctx)], params) for i in range(b)]
     while any(not r.output_token_ids for r in _running(engine)) or len(_running(engine)) < b:
         engine.step()                                     # prefill (maybe chunked) until all decode
-    engine.step()                                         # one untraced decode step: warm
+    engine.step()                                         # one decode step, not timed: warm
     before = dep.health()[1]
     probes = [speed_probe()]          # the ranks are idle between steps: the engine drives each one
     t_start = time.time()
-    engine.record_trace = True
+    engine.trace.clear()                                  # keep the timed steps' spans only
     walls, ctxs = [], []
     for _ in range(steps):
         ctxs.append(statistics.mean(r.num_tokens for r in _running(engine)))
         t0 = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t0)
-    engine.record_trace = False
     probes.append(speed_probe())
     after = dep.health()[1]
     events = engine.trace + dep.expert_trace(since=t_start)
-    engine.trace = []
+    engine.trace.clear()
     gaps = step_gaps(events, q)
     per_step = [gaps[s] for s in sorted(gaps)]
     spans = sum(g["expert_spans"] for g in per_step) or 1

@@ -20,9 +20,9 @@ import abc
 import math
 from dataclasses import dataclass
 
-from scheduler.tuner.fit import LinearFit
-from scheduler.tuner.hardware import GpuType
-from scheduler.tuner.model_shape import ModelShape
+from tuner.fit import LinearFit
+from tuner.hardware import GpuType
+from tuner.model_shape import ModelShape
 
 MEMORY_EFFICIENCY = 0.80     # achievable fraction of datasheet bandwidth in decode kernels
 COMPUTE_EFFICIENCY = 0.65    # achievable fraction of datasheet tensor FLOP/s (H100 bf16 FFN GEMMs: 0.68, bench/roofline_check.py)

@@ -1,14 +1,16 @@
-"""A MoE model's dimensions as the cost model needs them, read from a Hugging Face config.json.
+"""A MoE model's dimensions as the cost model needs them: the tuner's view of a `ModelSpec`.
 
-Pure Python (scheduler/ imports no torch), so plans can be made for models that are not on disk:
-`PRESETS` holds MegaScale-Infer-sized models for worked examples.
+A checkpoint's config.json is read by the loader's reader (`models.spec`, torch-free) and reduced
+here, so the tuner and the ranks cannot disagree about a model. `ModelShape` also stands for models
+that are not on disk: `PRESETS` holds MegaScale-Infer-sized models for worked examples.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
+
+from models.spec import ModelSpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -64,31 +66,17 @@ class ModelShape:
         return cls(**d)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, name: str = "model") -> "ModelShape":
-        """Mixtral, Qwen2-MoE, Qwen3-MoE, DBRX-like configs (the families Shuttle loads)."""
-        heads = cfg["num_attention_heads"]
-        H = cfg["hidden_size"]
-        experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-        if not experts:
-            raise ValueError(f"{name}: config.json names no experts (num_local_experts / num_experts): not a MoE model")
-        moe_inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-        layers = cfg["num_hidden_layers"]
-        mlp_only = cfg.get("mlp_only_layers") or []
-        return cls(name=name, num_layers=layers, hidden_size=H, num_heads=heads,
-                   num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or H // heads,
-                   num_experts=experts, top_k=cfg.get("num_experts_per_tok", 2), expert_intermediate=moe_inter,
-                   vocab_size=cfg["vocab_size"], shared_intermediate=cfg.get("shared_expert_intermediate_size", 0) or 0,
-                   dense_layers=len(mlp_only), dense_intermediate=cfg.get("intermediate_size", 0) if mlp_only else 0)
+    def from_spec(cls, spec: ModelSpec, name: str = "model") -> "ModelShape":
+        dense = spec.moe_layers.count(False)
+        return cls(name=name, num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+                   num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, num_experts=spec.num_experts, top_k=spec.top_k,
+                   expert_intermediate=spec.moe_intermediate_size, vocab_size=spec.vocab_size,
+                   shared_intermediate=spec.shared_expert_intermediate_size, dense_layers=dense,
+                   dense_intermediate=spec.dense_intermediate_size if dense else 0)
 
     @classmethod
     def from_model_dir(cls, path: str) -> "ModelShape":
-        config = os.path.join(path, "config.json")
-        try:
-            with open(config) as f:
-                cfg = json.load(f)
-        except OSError as e:
-            raise ValueError(f"model {path!r}: cannot read config.json ({e.strerror})") from None
-        return cls.from_hf_config(cfg, name=os.path.basename(os.path.normpath(path)))
+        return cls.from_spec(load_spec(path), name=os.path.basename(os.path.normpath(path)))
 
 
 # Models of the size MegaScale-Infer evaluates (132B-317B parameters), for plans without a checkpoint.
@@ -105,10 +93,10 @@ PRESETS = {
 }
 
 
-def resolve_model(spec: str) -> ModelShape:
+def resolve_model(name_or_dir: str) -> ModelShape:
     """A preset name or a checkpoint directory."""
-    if spec in PRESETS:
-        return PRESETS[spec]
-    if os.path.isdir(spec):
-        return ModelShape.from_model_dir(spec)
-    raise ValueError(f"model {spec!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    if name_or_dir in PRESETS:
+        return PRESETS[name_or_dir]
+    if os.path.isdir(name_or_dir):
+        return ModelShape.from_model_dir(name_or_dir)
+    raise ValueError(f"model {name_or_dir!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")

@@ -1,10 +1,5 @@
-"""Plans for the profiled machine itself: every rank shares its cores, so each shape is simulated.
-
-Thread counts follow the deployment's rule (`cluster/deployment.py:default_threads`, restated here
-because scheduler/ does not import cluster/): with m = 1 the two sides take turns and each rank gets
-cores // max(n_a, n_e) threads; with m ≥ 2 all ranks run at once and share the cores,
-cores // (n_a + n_e) each (at least 1). Models whose expert matrices are small run one thread per
-rank whatever the cores (`models/linear.py:useful_threads`).
+"""Plans for the profiled machine itself: every rank shares its cores, so each shape is simulated
+(`Profile.predict`, with the deployment's thread rule, cluster/threads.py).
 """
 
 from __future__ import annotations
@@ -12,38 +7,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from scheduler.tuner.model_shape import ModelShape
-from scheduler.tuner.profile import Profile
-from scheduler.tuner.search import InfeasibleError, Plan, SearchResult, _pingpong_problem, Requirements
-from scheduler.tuner.simulate import SimPlan, SimResult, simulate
-
-
-THREADED_MIN_ELEMENTS = 1 << 18     # models/linear.py: smaller expert matrices run one thread per rank
-
-
-def rank_threads(cores: int, n_a: int, n_e: int, m: int, shape: ModelShape | None = None) -> int:
-    if shape is not None and 2 * shape.expert_intermediate * shape.hidden_size < THREADED_MIN_ELEMENTS:
-        return 1
-    if m == 1:
-        return max(1, cores // max(n_a, n_e))
-    return max(1, cores // (n_a + n_e))
-
-
-def sim_plan(profile: Profile, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0,
-             threads: int = 0) -> SimPlan:
-    t = threads or rank_threads(profile.cores, n_a, n_e, m, profile.model)
-    costs = profile.costs(t)
-    return SimPlan(profile.model, n_a, n_e, m, batch, ctx, costs, costs, dtype_bytes=profile.dtype_bytes,
-                   threads_a=t, threads_e=t, skew=skew)
-
-
-def predict_local(profile: Profile, n_a: int, n_e: int, m: int, batch: int, ctx: float, skew: float = 0.0,
-                  threads: int = 0, record: bool = True) -> SimResult:
-    if n_e > profile.model.num_experts:
-        raise ValueError(f"{n_e} expert ranks for {profile.model.num_experts} experts: some rank would own none")
-    if batch < n_a * m:
-        raise ValueError(f"batch {batch} < attention ranks × micro-batches = {n_a * m}: some micro-batch would be empty")
-    return simulate(sim_plan(profile, n_a, n_e, m, batch, ctx, skew, threads), record=record)
+from tuner.costs import ranks_per_token, token_bytes
+from tuner.profile import Profile
+from tuner.search import InfeasibleError, Plan, Requirements, SearchResult, _pingpong_problem, infeasible_message
+from tuner.simulate import SimPlan, SimResult
 
 
 def stage_times(sim: SimPlan) -> tuple[float, float, float]:
@@ -53,7 +20,6 @@ def stage_times(sim: SimPlan) -> tuple[float, float, float]:
     tokens = sim.batch / sim.m
     owned = -(-s.num_experts // sim.n_e)
     hits = owned * (1 - (1 - s.top_k / s.num_experts) ** tokens)
-    from scheduler.tuner.costs import ranks_per_token, token_bytes
     t_a = sim.attention_costs.attention(b_a, sim.ctx)
     t_e = sim.expert_costs.expert(tokens * s.top_k / sim.n_e, hits)
     t_c = sim.attention_costs.transfer(b_a * ranks_per_token(sim.n_e, s.top_k) / sim.n_e * token_bytes(s, sim.dtype_bytes))
@@ -81,7 +47,7 @@ def search_local(profile: Profile, req: Requirements, max_attention: int = 4, ma
                 results: dict[int, SimResult] = {}
                 while lo < hi:                          # largest B under the SLO (TPOT grows with B)
                     mid = (lo + hi) // 2
-                    results[mid] = predict_local(profile, n_a, n_e, m, ok[mid], req.ctx, skew, record=False)
+                    results[mid] = profile.predict(n_a, n_e, m, ok[mid], req.ctx, skew, record=False)
                     evaluated += 1
                     if results[mid].iteration_s <= req.tpot_slo_s:
                         lo = mid + 1
@@ -89,13 +55,13 @@ def search_local(profile: Profile, req: Requirements, max_attention: int = 4, ma
                         hi = mid
                 if lo < len(ok):
                     rejected["TPOT SLO"] += len(ok) - lo
-                    r = results.get(lo) or predict_local(profile, n_a, n_e, m, ok[lo], req.ctx, skew, record=False)
+                    r = results.get(lo) or profile.predict(n_a, n_e, m, ok[lo], req.ctx, skew, record=False)
                     examples.setdefault("TPOT SLO", f"n_a={n_a}, n_e={n_e}, m={m}, B={ok[lo]}: {r.iteration_s * 1e3:.1f} ms "
                                                     f"> {req.tpot_slo_s * 1e3:g} ms")
                 for i in range(lo - 1, -1, -1):
-                    r = results.get(i) or predict_local(profile, n_a, n_e, m, ok[i], req.ctx, skew, record=False)
+                    r = results.get(i) or profile.predict(n_a, n_e, m, ok[i], req.ctx, skew, record=False)
                     evaluated += 1
-                    t_a, t_e, t_c = stage_times(sim_plan(profile, n_a, n_e, m, ok[i], req.ctx, skew))
+                    t_a, t_e, t_c = stage_times(profile.sim_plan(n_a, n_e, m, ok[i], req.ctx, skew))
                     problem = _pingpong_problem(req, m, t_a, t_e, t_c)
                     if problem is None:
                         plans.append(Plan("local", 1, n_a, "local", 1, n_e, m, ok[i], t_a, t_e, t_c, r.iteration_s, n_a + n_e))
@@ -106,6 +72,5 @@ def search_local(profile: Profile, req: Requirements, max_attention: int = 4, ma
     plans.sort(key=lambda p: (-p.tokens_per_s, p.n_a + p.n_e))
     result = SearchResult(plans[:keep], candidates, evaluated, time.perf_counter() - t0, rejected, examples)
     if not plans:
-        from scheduler.tuner.search import infeasible_message
         raise InfeasibleError(infeasible_message(req, result))
     return result

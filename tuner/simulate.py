@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.tuner.costs import StageCosts, token_bytes
-from scheduler.tuner.model_shape import ModelShape
+from tuner.costs import StageCosts, token_bytes
+from tuner.model_shape import ModelShape
 
 
 @dataclass(frozen=True)

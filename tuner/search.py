@@ -27,10 +27,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from scheduler.tuner.costs import (StageCosts, attention_memory_bytes, expert_memory_bytes, experts_per_rank,
+from tuner.costs import (StageCosts, attention_memory_bytes, expert_memory_bytes, experts_per_rank,
                                    ranks_per_token, token_bytes)
-from scheduler.tuner.hardware import GpuType
-from scheduler.tuner.model_shape import ModelShape
+from tuner.hardware import GpuType
+from tuner.model_shape import ModelShape
+from tuner.simulate import SimPlan, SimResult, simulate
 
 CostsFor = Callable[[GpuType, int], StageCosts]
 
@@ -85,10 +86,6 @@ class Plan:
     @property
     def gpus(self) -> int:
         return self.n_a * self.tp_a + self.n_e * self.tp_e
-
-    @property
-    def transfer_ratio(self) -> float:
-        return self.t_c / max(self.t_a, self.t_e)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "per_cost": self.per_cost}
@@ -256,6 +253,15 @@ def search(shape: ModelShape, catalogue: dict[str, GpuType], space: SearchSpace,
     if not best_per_structure:
         raise InfeasibleError(infeasible_message(req, result))
     return result
+
+
+def simulate_plan(shape: ModelShape, catalogue: dict[str, GpuType], plan: Plan, req: Requirements, costs_for: CostsFor,
+                  skew: float = 0.0) -> SimResult:
+    """A plan of the search through the discrete-event simulation (per rank, expert popularity skewed by `skew`),
+    on the same costs: what the closed form approximates."""
+    return simulate(SimPlan(shape, plan.n_a, plan.n_e, plan.m, plan.batch, req.ctx,
+                            costs_for(catalogue[plan.attention_gpu], plan.tp_a), costs_for(catalogue[plan.expert_gpu], plan.tp_e),
+                            dtype_bytes=req.dtype_bytes, skew=skew), record=False)
 
 
 def infeasible_message(req: Requirements, result: SearchResult) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from scheduler.tuner.simulate import Span
+from tuner.simulate import Span
 
 
 def spans_from_trace(events: list, step: int | None = None) -> tuple[list[Span], float]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from cluster.deployment import Deployment
 from scheduler.config import EngineConfig
+from scheduler.engine import Engine
 from scheduler.request import SamplingParams
-from scheduler.tuner.trace import quantile, spans_from_trace
+from tuner.model_shape import ModelShape
+from tuner.trace import quantile, spans_from_trace
 
 WARM_STEPS_MAX = 100
 
@@ -25,7 +28,7 @@ class Measured:
     ctx: float                          # mean context of the sequences over the timed steps
     spans: list = field(default_factory=list)
     events: list = field(default_factory=list)
-    speed_s: float | None = None        # the machine's speed probe around the timed steps (shuttle/tune_speed.py)
+    speed_s: float | None = None        # the machine's speed probe around the timed steps (tuner/speed.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -38,10 +41,6 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
     """`probe`: a callable returning the machine's speed probe in seconds (`speed_probe`); when given, it runs
     right before and right after the timed steps (the ranks are idle then: the engine drives every step)
     and the mean is returned as `speed_s`."""
-    from cluster.deployment import Deployment
-    from scheduler.engine import Engine
-    from scheduler.tuner.model_shape import ModelShape
-
     shape = ModelShape.from_model_dir(model_dir)
     per_rank = -(-batch // n_a)
     config = EngineConfig(attention_ranks=n_a, expert_ranks=n_e, micro_batches=m, dtype=dtype, threads_per_rank=threads,
@@ -51,7 +50,7 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
     progress(f"measuring A={n_a} E={n_e} m={m} B={batch} ctx={ctx}: starting the deployment")
     dep = Deployment.start(model_dir, config, address=address, progress=lambda msg: None)
     try:
-        engine = Engine(config, dep.limits, dep)
+        engine = Engine(config, dep.limits, dep, record_trace=True)
         params = SamplingParams(max_tokens=steps + WARM_STEPS_MAX + 2, ignore_eos=True)
         for i in range(batch):
             engine.add_request([(11 * i + 5 * n + 1) % shape.vocab_size for n in range(ctx)], params)
@@ -67,18 +66,16 @@ def measure_decode(model_dir: str, n_a: int, n_e: int, m: int, batch: int, ctx: 
                 break
         speed = [probe()] if probe else []
         t_start = time.time()
-        engine.record_trace = True
+        engine.trace.clear()                             # keep the timed steps' spans only
         times, contexts = [], []
         for _ in range(steps):
             contexts.append(sum(r.num_tokens for r in running()) / max(1, len(running())))
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
-        engine.record_trace = False
         if probe:
             speed.append(probe())
         events = engine.trace + dep.expert_trace(since=t_start)
-        engine.trace = []
     finally:
         dep.shutdown()
     median = quantile(times, q)
