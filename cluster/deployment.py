@@ -12,7 +12,6 @@ the actors, removes the placement groups and, if it started Ray, stops it: nothi
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import socket
@@ -20,29 +19,22 @@ import time
 from dataclasses import dataclass
 
 import ray
-import torch.distributed as dist
 from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from attention_node.actor import AttentionRankActor
 from cluster import threads
 from cluster.inventory import NodeInventory, gather_inventory, local_gpus, node_from_ray
 from cluster.ray_env import local_ray_env, start_ray
 from cluster.reach import ReachProbe
+from cluster.rank_set import DeploymentError, RankBlueprint, RankSet, _get
 from cluster.roles import PlacementError, RankLayout, plan_layout
-from expert_node.actor import ExpertRankActor
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.engine import Engine, RankGroup
 from scheduler.messages import StepPlan, StepResult
 from scheduler.placement import Placement
-from transfer.base import DataPlane
 
 log = logging.getLogger("shuttle.deployment")
-
-
-class DeploymentError(RuntimeError):
-    """A rank failed or did not answer; the message names which and why."""
 
 
 def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLimits, Placement]:
@@ -54,19 +46,25 @@ def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLim
 
 
 class Deployment(RankGroup):
-    def __init__(self, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, placement: Placement,
-                 layout: RankLayout, nodes: list[NodeInventory], attention, experts, groups, store, serve_refs,
-                 owns_ray: bool):
-        self.spec, self.config, self.limits, self.placement = spec, config, limits, placement
-        self.attention = attention
-        self.experts = experts
-        self._groups = groups
-        self._store = store          # keeps the data plane's TCPStore alive
-        self._serve_refs = serve_refs
+    def __init__(self, blueprint: RankBlueprint, nodes: list[NodeInventory], ranks: RankSet, owns_ray: bool):
+        b = blueprint
+        self.spec, self.config, self.limits, self.placement = b.spec, b.config, b.limits, b.placement
+        self.layout = b.layout        # where the ranks run (cluster.roles)
+        self.nodes = nodes
+        self._blueprint = blueprint
+        self._ranks = ranks           # the rank actors of the current data-plane epoch
         self._owns_ray = owns_ray
         self._closed = False
-        self.layout = layout        # where the ranks run (cluster.roles)
-        self.nodes = nodes
+        self.recoveries = 0
+        self.recovery_seconds: list[float] = []
+
+    @property
+    def attention(self) -> list:
+        return self._ranks.attention
+
+    @property
+    def experts(self) -> list:
+        return self._ranks.experts
 
     # ---- bring-up ------------------------------------------------------------------------
     @classmethod
@@ -117,28 +115,8 @@ class Deployment(RankGroup):
                         raise DeploymentError(f"Ray placed {side} rank slots {wrong} on other nodes than planned: "
                                               f"{placed} vs {list(node_ids)}")
 
-            def opts(pg, i, node_id, **extra):
-                if layout.gpus_per_rank:    # Ray sets CUDA_VISIBLE_DEVICES: "cuda" is the rank's own GPU
-                    extra["num_gpus"] = layout.gpus_per_rank
-                return dict(num_cpus=layout.cpus_per_rank, runtime_env={"env_vars": env[node_id]},
-                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i), **extra)
-
-            progress(f"opening the data plane ({layout.backend}, rendezvous {host})")
-            store = dist.TCPStore(host, 0, world_size=None, is_master=True, wait_for_workers=False,
-                                  timeout=datetime.timedelta(seconds=120))
-            plane = DataPlane(layout.backend, host, store.port, config.attention_ranks, tuple(placement.owner),
-                              spec.hidden_size, spec.top_k, config.dtype, config.transfer_timeout_s)
-            dev = layout.device
-            attention = [ray.remote(AttentionRankActor).options(**opts(groups[0], i, n))
-                         .remote(i, spec, config, limits, model_dir, dev, per_node[n].attention, plane)
-                         for i, n in enumerate(layout.attention_nodes)]
-            experts = [ray.remote(ExpertRankActor).options(**opts(groups[1], i, n, max_concurrency=4))
-                       .remote(i, spec, placement.experts_of(i), config, model_dir, dev, per_node[n].expert, plane)
-                       for i, n in enumerate(layout.expert_nodes)]
-            progress("joining the data plane and loading weights")
-            names = [f"attention rank {i}" for i in range(len(attention))] + [f"expert rank {i}" for i in range(len(experts))]
-            _get([a.check_health.remote() for a in attention + experts], 600, "load weights", names)
-            serve_refs = [e.serve.remote() for e in experts]
+            blueprint = RankBlueprint(spec, config, limits, placement, layout, model_dir, host, tuple(groups), env, per_node)
+            ranks = blueprint.spawn(progress)
         except BaseException:
             for pg in groups:
                 remove_placement_group(pg)
@@ -146,7 +124,7 @@ class Deployment(RankGroup):
                 ray.shutdown()
             raise
         progress("ready")
-        return cls(spec, config, limits, placement, layout, nodes, attention, experts, groups, store, serve_refs, owns_ray)
+        return cls(blueprint, nodes, ranks, owns_ray)
 
     # ---- the RankGroup contract ----------------------------------------------------------
     def launch(self, plans: list[StepPlan]) -> tuple[int, list]:
@@ -157,18 +135,24 @@ class Deployment(RankGroup):
         step, refs = handle
         return _get(refs, self.config.step_timeout_s, f"step {step}", names=[f"attention rank {i}" for i in range(len(refs))])
 
+    def recover(self, progress=lambda msg: None) -> None:
+        """Replace the ranks after a fault: every rank actor of this epoch is killed (a dead or stalled
+        one, and the live ones whose data plane still points at it), and a new set is created in the
+        same placement groups on a new rendezvous (a new epoch: nothing waits on a dead peer). The
+        ranks hold no request state the head cannot rebuild: it re-queues what was in flight."""
+        t0 = time.monotonic()
+        self._ranks.kill()
+        self.recoveries += 1
+        self._ranks = self._blueprint.spawn(progress, epoch=self.recoveries)
+        self.recovery_seconds.append(time.monotonic() - t0)
+        log.warning("ranks replaced (epoch %d) in %.1fs", self.recoveries, self.recovery_seconds[-1])
+
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            _get([a.shutdown.remote() for a in self.attention], 30, "shutdown")
-            _get(self._serve_refs, 30, "expert loops ending")
-        except DeploymentError as e:
-            log.warning("unclean shutdown (ranks are killed anyway): %s", e)
-        for actor in self.attention + self.experts:
-            ray.kill(actor)
-        for pg in self._groups:
+        self._ranks.stop()
+        for pg in self._blueprint.groups:
             remove_placement_group(pg)
         if self._owns_ray:
             ray.shutdown()
@@ -264,30 +248,6 @@ def _check_reach(layout: RankLayout, by_id: dict, host: str, timeout_s: float) -
     if problems:
         raise DeploymentError("data plane: " + "; ".join(problems) + ". Rank nodes must reach each other and the "
                               "rendezvous host on any TCP port (gloo and NCCL listen on ephemeral ports)")
-
-
-def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
-    """ray.get with a deadline, in completion order, so the first rank to fail is the one named (not a
-    peer left waiting on it); failures carry the rank's own error text."""
-    names = names or [f"rank {i}" for i in range(len(refs))]
-    deadline = time.monotonic() + timeout_s
-    pending = {ref: i for i, ref in enumerate(refs)}
-    values: list = [None] * len(refs)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            late = ", ".join(names[i] for i in sorted(pending.values()))
-            raise DeploymentError(f"{what}: {late} did not answer within {timeout_s:g}s")
-        i = pending.pop(ready[0])
-        try:
-            values[i] = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as e:   # the rank raised: its own message says what happened
-            cause = e.cause if e.cause is not None else e
-            text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
-            raise DeploymentError(f"{what} failed on {names[i]}: {type(cause).__name__}: {text}") from e
-        except ray.exceptions.RayError as e:       # the rank's process died
-            raise DeploymentError(f"{what} failed on {names[i]}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-    return values
 
 
 def build_engine(model_dir: str, config: EngineConfig, address: str | None = None, progress=lambda msg: None, *,

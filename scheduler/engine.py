@@ -17,6 +17,7 @@ lands one step later. A length limit is known in advance and costs nothing.
 from __future__ import annotations
 
 import abc
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ from scheduler.config import EngineConfig, EngineLimits
 from scheduler.messages import StepPlan, StepResult
 from scheduler.request import FinishReason, RequestOutput, SamplingParams
 from scheduler.scheduler import Scheduler
+
+log = logging.getLogger("shuttle.engine")
+
+
+class RankFault(RuntimeError):
+    """A rank died, stalled or failed a step; the message names which. The ranks can be replaced
+    (`Engine.recover`): nothing the head owns is lost."""
 
 
 class RankGroup(abc.ABC):
@@ -36,12 +44,17 @@ class RankGroup(abc.ABC):
 
     @abc.abstractmethod
     def collect(self, handle: object) -> list[StepResult]:
-        """The results of a launched step, one per attention rank. Raises a RuntimeError naming the
-        failed rank if any rank fails or misses its deadline."""
+        """The results of a launched step, one per attention rank. Raises RankFault naming the failed
+        rank if any rank fails or misses its deadline."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop every rank (attention and expert) and release their resources."""
+
+    def recover(self) -> None:
+        """Replace the ranks after a failed step, on a new data plane; their request state is lost
+        (the head re-queues it). Groups that cannot recover raise."""
+        raise RuntimeError(f"{type(self).__name__} cannot recover from a rank fault")
 
 
 class InProcessRanks(RankGroup):
@@ -122,6 +135,17 @@ class Engine:
             self.trace += [event for r in results for event in r.trace]
         return self.scheduler.update(results)
 
+    def recover(self) -> list[RequestOutput]:
+        """After a step failed (a rank died or stalled): forget the steps in flight, re-queue every
+        running request to be recomputed from its prompt plus the tokens it has (clients see a pause;
+        greedy and seeded outputs are unchanged), and have the rank group replace its ranks. Returns
+        the requests that have now lived through more than `max_recoveries` faults, finished with
+        FinishReason.ERROR. Raises if the ranks cannot be replaced."""
+        self._in_flight.clear()
+        failed = self.scheduler.requeue_all(self.config.max_recoveries)
+        self.ranks.recover()
+        return failed
+
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
                  progress=None) -> list[Completion]:
         """Offline batch generation: every prompt to completion, in input order."""
@@ -132,7 +156,14 @@ class Engine:
         logits = {i: [] for i in ids}
         reasons: dict[str, FinishReason] = {}
         while len(reasons) < len(ids):
-            for out in self.step():
+            try:
+                outputs = self.step()
+            except RankFault as fault:
+                if not self.config.max_recoveries:
+                    raise
+                log.warning("step failed (%s); replacing the ranks and recomputing the requests in flight", fault)
+                outputs = self.recover()
+            for out in outputs:
                 tokens[out.request_id] += out.new_token_ids
                 logprobs[out.request_id] += out.new_logprobs
                 if out.logits is not None:

@@ -30,6 +30,7 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"              # the model's end-of-sequence token
     STOP = "stop"            # a stop token id (or, in the server, a stop string)
     CANCELLED = "cancelled"  # aborted by the client or the server
+    ERROR = "error"          # lost to rank faults more often than the server's --max-recoveries
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,12 @@ class SamplingParams:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         t = self.temperature
-        if not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+        if (not isinstance(t, (int, float)) or isinstance(t, bool) or (isinstance(t, int) and t > 1e300)
+                or math.isnan(t) or math.isinf(t) or t < 0):
             raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 is greedy), got {t!r}")
         if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and self.seed < 0:
             raise InvalidRequest("seed", f"must be >= 0, got {self.seed!r}")
@@ -87,6 +89,7 @@ class Request:
     num_computed: int = 0            # tokens whose KV is in the cache once the scheduled steps have run
     sample_steps: list[int] = field(default_factory=list)   # steps in flight that sample its next token(s)
     num_preemptions: int = 0
+    num_recoveries: int = 0          # rank faults this request was in flight for (each recomputes it)
     first_token_time: float | None = None
 
     @property

@@ -180,6 +180,29 @@ class Scheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def requeue_all(self, max_recoveries: int) -> list[RequestOutput]:
+        """After a lost step (a rank failed and the ranks were replaced): every running request goes back
+        to the front of the queue, in arrival order, to be recomputed from its prompt plus the tokens it
+        already has, as preemption does; the ranks' state is gone, so nothing is released to them. A
+        request caught by more than `max_recoveries` faults is finished instead (FinishReason.ERROR)."""
+        failed = []
+        running = sorted((req for reqs in self.running for req in reqs), key=lambda r: r.arrival_time)
+        self.running = [[] for _ in self.pools]
+        self.pools = [BlockPool(self.limits.kv_blocks_per_rank, self.limits.block_size) for _ in self.pools]
+        self._new = [[] for _ in self.pools]
+        self._released = [[] for _ in self.pools]
+        for req in reversed(running):
+            req.state, req.rank, req.num_computed, req.block_ids = RequestState.WAITING, None, 0, []
+            req.sample_steps.clear()
+            req.num_recoveries += 1
+            if req.num_recoveries > max_recoveries:
+                req.state, req.finish_reason = RequestState.FINISHED, FinishReason.ERROR
+                del self.requests[req.request_id]
+                failed.append(RequestOutput(req.request_id, [], [], True, FinishReason.ERROR))
+            else:
+                self.waiting.appendleft(req)
+        return failed[::-1]
+
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.state is RequestState.RUNNING:
             self.running[req.rank].remove(req)

@@ -1,6 +1,5 @@
 """The gloo backend between real processes (no Ray): a round trip, and a silent peer's clear error."""
 
-import datetime
 import multiprocessing as mp
 import os
 import time
