@@ -10,6 +10,11 @@ from scheduler.config import EngineConfig, EngineLimits
 from scheduler.messages import StepPlan, StepResult
 from transfer.base import ATTENTION, DataPlane, connect
 
+# The Ray concurrency group for health checks: an actor created with
+# `ray.remote(concurrency_groups={HEALTH_GROUP: 1})` answers `check_health` sent to this group on a
+# thread of its own while a step runs. Steps stay in the default group: one thread, in launch order.
+HEALTH_GROUP = "health"
+
 
 class AttentionRankActor:
     def __init__(self, rank: int, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str,
@@ -23,6 +28,7 @@ class AttentionRankActor:
         return self.worker.step(plan)     # sets the (per calling thread) OpenMP thread count itself
 
     def check_health(self) -> dict:
+        """Reads only (safe beside a running step: see HEALTH_GROUP)."""
         return {"rank": self.worker.rank, "pid": os.getpid(), "kv_cache_bytes": self.worker.cache.nbytes(),
                 "requests": len(self.worker.params)}
 

@@ -83,9 +83,13 @@ def hf_step_ms(model_dir: str, batches: list[int], prompt_len: int, steps: int) 
     return out
 
 
-def shuttle_steps(model_dir: str, micro_batches: int, batches: list[int], prompt_len: int, steps: int) -> dict[int, dict]:
-    config = EngineConfig(attention_ranks=1, expert_ranks=1, micro_batches=micro_batches, max_batch_tokens=max(batches) * prompt_len,
-                          max_num_seqs=max(batches), kv_cache_tokens=max(batches) * (prompt_len + steps + 16), max_model_len=1024)
+VARIANTS = {"m1": {"micro_batches": 1}, "m2": {"micro_batches": 2}, "colocated": {"micro_batches": 1, "colocate": True}}
+
+
+def shuttle_steps(model_dir: str, variant: str, batches: list[int], prompt_len: int, steps: int) -> dict[int, dict]:
+    config = EngineConfig(attention_ranks=1, expert_ranks=1, max_batch_tokens=max(batches) * prompt_len,
+                          max_num_seqs=max(batches), kv_cache_tokens=max(batches) * (prompt_len + steps + 16), max_model_len=1024,
+                          **VARIANTS[variant])
     dep = Deployment.start(model_dir, config)
     results = {}
     try:
@@ -96,14 +100,14 @@ def shuttle_steps(model_dir: str, micro_batches: int, batches: list[int], prompt
                 engine.add_request(p, params)
             engine.step()                              # prefill (the budget covers every prompt)
             engine.step()                              # warm-up decode step
-            before = dep.health()[1]
+            before = dep.health()[-1]                  # the expert rank's counters (colocated: all in one)
             times, ctx = [], []
             for _ in range(steps - 1):
                 ctx.append(sum(r.num_tokens for r in engine.scheduler.running[0]))
                 t0 = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - t0)
-            after = dep.health()[1]
+            after = dep.health()[-1]
             while engine.has_work():
                 engine.step()
             n = len(times)
@@ -114,7 +118,7 @@ def shuttle_steps(model_dir: str, micro_batches: int, batches: list[int], prompt
                 "expert_compute_ms": (after["compute_s"] - before["compute_s"]) / n * 1e3,
                 "kv_tokens_per_step": statistics.mean(ctx),
             }
-            print(f"  Shuttle M={micro_batches} batch {b}: {results[b]['step_ms']:.1f} ms/step", file=sys.stderr)
+            print(f"  Shuttle {variant} batch {b}: {results[b]['step_ms']:.1f} ms/step", file=sys.stderr)
     finally:
         dep.shutdown()
     return results
@@ -135,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode.json"))
@@ -144,29 +150,27 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     bw = read_bandwidth_gbs()
     print(f"read bandwidth {bw:.1f} GB/s; HF generate ...", file=sys.stderr)
-    hf = hf_step_ms(model_dir, args.batches, args.prompt_len, args.steps)
+    hf = {b: float("nan") for b in args.batches} if args.skip_hf else hf_step_ms(model_dir, args.batches, args.prompt_len, args.steps)
     bw_after = read_bandwidth_gbs()
-    shuttle = {m: shuttle_steps(model_dir, m, args.batches, args.prompt_len, args.steps) for m in (1, 2)}
+    shuttle = {v: shuttle_steps(model_dir, v, args.batches, args.prompt_len, args.steps) for v in args.variants}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     rows = []
     for b in args.batches:
         row = {"batch": b, "hf_ms": hf[b]}
-        for m in (1, 2):
-            r = shuttle[m][b]
-            roof_ms = bytes_per_step(spec, r) / (bw * 1e9) * 1e3
-            row[f"m{m}_ms"] = r["step_ms"]
-            row[f"m{m}_speedup_vs_hf"] = hf[b] / r["step_ms"]
-            row[f"m{m}_roofline"] = roof_ms / r["step_ms"]
-            row[f"m{m}_detail"] = r
-        row["roofline_ms"] = bytes_per_step(spec, shuttle[1][b]) / (bw * 1e9) * 1e3
+        for v in args.variants:
+            r = shuttle[v][b]
+            row[f"{v}_ms"] = r["step_ms"]
+            row[f"{v}_detail"] = r
+        row["roofline_ms"] = bytes_per_step(spec, shuttle[args.variants[0]][b]) / (bw * 1e9) * 1e3
         rows.append(row)
     print(f"\nMachine: {machine}; read bandwidth {bw:.1f} GB/s (before HF) / {bw_after:.1f} GB/s (after)")
     print(f"Model: Mixtral-format h512 i1024 L8 E16 top-2, vocab 32000, fp32; prompt {args.prompt_len}, {args.steps} decode steps")
-    print("| batch | HF ms/step | Shuttle M=1 ms/step | M=2 ms/step | M=1 vs HF | M=2 vs HF | roofline ms | M=1 % roofline | M=2 % roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | HF ms/step | " + " | ".join(f"{v} ms/step | {v} vs HF | {v} % roofline" for v in args.variants) + " | roofline ms |")
+    print("|---|---|" + "---|---|---|" * len(args.variants) + "---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['hf_ms']:.1f} | {r['m1_ms']:.1f} | {r['m2_ms']:.1f} | {r['m1_speedup_vs_hf']:.2f}× | "
-              f"{r['m2_speedup_vs_hf']:.2f}× | {r['roofline_ms']:.1f} | {100 * r['m1_roofline']:.0f}% | {100 * r['m2_roofline']:.0f}% |")
+        cells = [f"{r[v + '_ms']:.1f} | {r['hf_ms'] / r[v + '_ms']:.2f}× | {100 * r['roofline_ms'] / r[v + '_ms']:.0f}%"
+                 for v in args.variants]
+        print(f"| {r['batch']} | {r['hf_ms']:.1f} | " + " | ".join(cells) + f" | {r['roofline_ms']:.1f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "bandwidth_gbs": bw, "rows": rows}, f, indent=1)

@@ -22,6 +22,7 @@ import ray
 from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from attention_node.actor import HEALTH_GROUP
 from cluster import threads
 from cluster.inventory import NodeInventory, gather_inventory, local_gpus, node_from_ray
 from cluster.ray_env import local_ray_env, start_ray
@@ -30,11 +31,16 @@ from cluster.rank_set import DeploymentError, RankBlueprint, RankSet, _get
 from cluster.roles import PlacementError, RankLayout, plan_layout
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, RankGroup
+from scheduler.engine import Engine, FaultyRank, RankGroup
 from scheduler.messages import StepPlan, StepResult
 from scheduler.placement import Placement
 
 log = logging.getLogger("shuttle.deployment")
+
+# An attention rank answers a health check while a step runs only in a Ray concurrency group of its
+# own, which cluster/rank_set.py creates every attention actor with (calling a group an actor lacks
+# kills it).
+ATTENTION_HEALTH_GROUP: str | None = HEALTH_GROUP
 
 
 def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLimits, Placement]:
@@ -75,6 +81,9 @@ class Deployment(RankGroup):
         `cluster.roles.plan_layout` says, the rendezvous is this node's cluster address, and each
         rank's gloo/NCCL interface is its node's route to it. `device`: auto | cpu | cuda."""
         spec, limits, placement = describe(model_dir, config)
+        if config.colocate and address is not None:
+            raise DeploymentError("--colocate runs every rank in one process on this machine: it cannot join a "
+                                  f"cluster (--address {address})")
         if address and address.startswith("ray://"):
             raise DeploymentError(f"--address {address}: Ray Client addresses are not supported (the ranks must reach "
                                   "this process's rendezvous): run shuttle on a node of the cluster (`ray attach`) "
@@ -147,6 +156,15 @@ class Deployment(RankGroup):
         self.recovery_seconds.append(time.monotonic() - t0)
         log.warning("ranks replaced (epoch %d) in %.1fs", self.recoveries, self.recovery_seconds[-1])
 
+    def fence(self, faults: list[FaultyRank]) -> None:
+        """Kill the faulty ranks' actors: a step waiting on one of them fails now (its peers' sockets
+        close) instead of at the transfer or step deadline; `recover` then replaces the whole set."""
+        ranks = self._ranks
+        for f in faults:
+            group = ranks.attention if f.kind == "attention" else ranks.experts
+            if 0 <= f.rank < len(group):
+                ray.kill(group[f.rank])
+
     def shutdown(self) -> None:
         if self._closed:
             return
@@ -157,6 +175,41 @@ class Deployment(RankGroup):
         if self._owns_ray:
             ray.shutdown()
 
+    def probe(self, timeout_s: float) -> list[FaultyRank]:
+        """Every rank's `check_health` under one deadline: Ray fails the call to a dead actor at once; a
+        stopped one never answers. Expert ranks answer on a thread of their own while their loop
+        serves; attention ranks see ATTENTION_HEALTH_GROUP. An expert loop that has ended while the
+        deployment is up is a fault too."""
+        if self._closed:
+            return []
+        ranks = self._ranks               # one epoch's set, even if a recovery swaps it meanwhile
+        group = ATTENTION_HEALTH_GROUP
+        calls = [("attention", i, (a.check_health.options(concurrency_group=group) if group else a.check_health).remote())
+                 for i, a in enumerate(ranks.attention)]
+        calls += [("expert", i, e.check_health.remote()) for i, e in enumerate(ranks.experts)]
+        ready, _ = ray.wait([ref for _, _, ref in calls], num_returns=len(calls), timeout=timeout_s)
+        ready = set(ready)
+        faults = []
+        for kind, i, ref in calls:
+            if ref not in ready:
+                if kind == "expert" or group:
+                    faults.append(FaultyRank(kind, i, FaultyRank.NOT_ANSWERING,
+                                             f"no answer to a health check within {timeout_s:g}s"))
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorUnavailableError as e:   # unreachable for now (Ray says it may come back)
+                faults.append(FaultyRank(kind, i, FaultyRank.NOT_ANSWERING, _first_line(e)))
+            except ray.exceptions.RayActorError as e:
+                faults.append(FaultyRank(kind, i, FaultyRank.DEAD, _first_line(e)))
+            except ray.exceptions.RayError as e:      # alive, but its health check raised
+                faults.append(FaultyRank(kind, i, FaultyRank.NOT_ANSWERING, f"health check failed: {_first_line(e)}"))
+        named = {(f.kind, f.rank) for f in faults}
+        ended, _ = ray.wait(ranks.serve_refs, num_returns=len(ranks.serve_refs), timeout=0) if ranks.serve_refs else ([], [])
+        faults += [FaultyRank("expert", i, FaultyRank.STOPPED_SERVING, "its serve loop ended")
+                   for i, ref in enumerate(ranks.serve_refs) if ref in ended and ("expert", i) not in named]
+        return faults
+
     # ---- inspection ----------------------------------------------------------------------
     def expert_trace(self, since: float = 0.0) -> list:
         """Expert-rank TraceEvents that started at or after `since` (wall clock)."""
@@ -165,6 +218,10 @@ class Deployment(RankGroup):
 
     def health(self) -> list[dict]:
         return _get([a.check_health.remote() for a in self.attention + self.experts], 30, "health check")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _this_node() -> NodeInventory:

@@ -18,7 +18,8 @@ import ray
 import torch.distributed as dist
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from attention_node.actor import AttentionRankActor
+from attention_node.actor import HEALTH_GROUP, AttentionRankActor
+from cluster.colocated import ColocatedRanks
 from cluster.roles import RankLayout
 from expert_node.actor import ExpertRankActor
 from models.spec import ModelSpec
@@ -102,13 +103,15 @@ class RankBlueprint:
 
     def spawn(self, progress=lambda msg: None, epoch: int = 0) -> RankSet:
         cfg, layout = self.config, self.layout
+        if cfg.colocate:
+            return self._spawn_colocated(progress)
         progress(f"opening the data plane ({layout.backend}, rendezvous {self.host}, epoch {epoch})")
         store = dist.TCPStore(self.host, 0, world_size=None, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=120))
         plane = DataPlane(layout.backend, self.host, store.port, cfg.attention_ranks, tuple(self.placement.owner),
                           self.spec.hidden_size, self.spec.top_k, cfg.dtype, cfg.transfer_timeout_s)
         dev = layout.device
-        attention = [ray.remote(AttentionRankActor).options(**self._options(0, i, n))
+        attention = [ray.remote(concurrency_groups={HEALTH_GROUP: 1})(AttentionRankActor).options(**self._options(0, i, n))
                      .remote(i, self.spec, cfg, self.limits, self.model_dir, dev, self.threads[n].attention, plane)
                      for i, n in enumerate(layout.attention_nodes)]
         experts = [ray.remote(ExpertRankActor).options(**self._options(1, i, n, max_concurrency=4))
@@ -123,6 +126,21 @@ class RankBlueprint:
             ranks.kill()
             raise
         ranks.serve_refs = [e.serve.remote() for e in experts]
+        return ranks
+
+    def _spawn_colocated(self, progress) -> RankSet:
+        node = self.layout.attention_nodes[0]
+        experts = [self.placement.experts_of(e) for e in range(self.config.expert_ranks)]
+        actor = (ray.remote(concurrency_groups={HEALTH_GROUP: 1})(ColocatedRanks).options(**self._options(0, 0, node))
+                 .remote(self.spec, self.config, self.limits, self.model_dir, self.layout.device,
+                         self.threads[node].attention, self.threads[node].expert, experts))
+        ranks = RankSet(None, [actor], [], [])
+        progress("loading weights (attention and expert ranks in one process)")
+        try:
+            _get([actor.check_health.remote()], 600, "load weights", ["the colocated ranks"])
+        except BaseException:
+            ranks.kill()
+            raise
         return ranks
 
     def _options(self, side: int, i: int, node_id: str, **extra) -> dict:

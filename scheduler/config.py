@@ -31,8 +31,15 @@ class EngineConfig:
     max_queue: int = _opt(1024, "most requests waiting for admission; more are refused")
     transfer_timeout_s: float = _opt(60.0, "seconds any token transfer may wait for a peer before the step fails")
     step_timeout_s: float = _opt(600.0, "seconds a whole step may take before the head declares the ranks dead")
+    # The server's watchdog: a step that runs this long has every rank asked whether it is alive
+    # (a stopped rank otherwise only shows when a transfer deadline passes, a minute by default).
+    fault_detect_s: float = _opt(3.0, "seconds within which the server declares a dead or stalled rank (its watchdog "
+                                      "asks every rank while a step runs long); at most transfer_timeout_s")
     max_recoveries: int = _opt(3, "rank faults a request may live through (each replaces the ranks and recomputes it); "
                                   "0 turns recovery off: a fault fails what is in flight")
+    colocate: bool = _opt(False, "run the attention rank and the expert ranks of a one-node deployment in one process, "
+                                 "exchanging tokens in memory (transfer/inprocess.py) instead of over gloo; "
+                                 "needs --attention-ranks 1 and no cluster address")
     cpus_per_rank: float = _opt(0.0, "Ray CPUs reserved per rank (0: share this node's CPUs evenly)")
     threads_per_rank: int = _opt(0, "torch threads per rank (0: with 1 micro-batch the node's cores per side, except an attention rank's "
                                        "decode-sized layers on CPUs, 1; else shared by all ranks)")
@@ -56,10 +63,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.colocate and self.attention_ranks != 1:
+            raise ValueError(f"colocate runs one attention rank, got attention_ranks={self.attention_ranks}")
         if self.max_recoveries < 0:
             raise ValueError(f"max_recoveries must be >= 0, got {self.max_recoveries}")
         if self.transfer_timeout_s <= 0 or self.step_timeout_s <= 0:
             raise ValueError("transfer_timeout_s and step_timeout_s must be positive")
+        if not 0 < self.fault_detect_s <= self.transfer_timeout_s:
+            raise ValueError(f"fault_detect_s must be positive and at most transfer_timeout_s "
+                             f"({self.transfer_timeout_s:g}), got {self.fault_detect_s!r}")
         if self.cpus_per_rank < 0:
             raise ValueError(f"cpus_per_rank must be >= 0, got {self.cpus_per_rank!r}")
 

@@ -20,6 +20,7 @@ import abc
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import ClassVar
 
 from scheduler.config import EngineConfig, EngineLimits
 from scheduler.messages import StepPlan, StepResult
@@ -32,6 +33,24 @@ log = logging.getLogger("shuttle.engine")
 class RankFault(RuntimeError):
     """A rank died, stalled or failed a step; the message names which. The ranks can be replaced
     (`Engine.recover`): nothing the head owns is lost."""
+
+
+@dataclass(frozen=True)
+class FaultyRank:
+    """A rank that `RankGroup.probe` found dead or not answering: what the server reports (its
+    status names the rank and the cause; clients are only told that a rank was lost)."""
+
+    DEAD: ClassVar[str] = "dead"                        # Ray says the actor's process is gone
+    NOT_ANSWERING: ClassVar[str] = "not answering"      # no answer to a health check within the deadline
+    STOPPED_SERVING: ClassVar[str] = "stopped serving"  # an expert rank's serve loop ended on its own
+
+    kind: str        # "attention" | "expert"
+    rank: int
+    cause: str       # DEAD | NOT_ANSWERING | STOPPED_SERVING
+    detail: str = ""   # what Ray said: for the server log (may name hosts and pids), never for clients
+
+    def __str__(self) -> str:
+        return f"{self.kind} rank {self.rank} {self.cause}"
 
 
 class RankGroup(abc.ABC):
@@ -51,10 +70,20 @@ class RankGroup(abc.ABC):
     def shutdown(self) -> None:
         """Stop every rank (attention and expert) and release their resources."""
 
+    def fence(self, faults: list[FaultyRank]) -> None:
+        """Make sure these ranks take part in nothing more (kill them), so that whatever waits on them
+        fails now instead of at a deadline. Called from another thread while a step runs."""
+
     def recover(self) -> None:
         """Replace the ranks after a failed step, on a new data plane; their request state is lost
         (the head re-queues it). Groups that cannot recover raise."""
         raise RuntimeError(f"{type(self).__name__} cannot recover from a rank fault")
+
+    def probe(self, timeout_s: float) -> list[FaultyRank]:
+        """Ask every rank (attention and expert) whether it is alive, answering within `timeout_s`;
+        returns the ones that are not. Called from another thread while a step is in flight, so it
+        must not wait on the step. In-process groups have no rank to lose."""
+        return []
 
 
 class InProcessRanks(RankGroup):
@@ -134,6 +163,15 @@ class Engine:
         if self.record_trace:
             self.trace += [event for r in results for event in r.trace]
         return self.scheduler.update(results)
+
+    def probe(self, timeout_s: float) -> list[FaultyRank]:
+        """The ranks that are dead or not answering (`RankGroup.probe`); safe from another thread
+        while `step()` waits on the ranks (the server's watchdog calls it)."""
+        return self.ranks.probe(timeout_s)
+
+    def fence(self, faults: list[FaultyRank]) -> None:
+        """`RankGroup.fence`; safe from another thread (the server's watchdog calls it)."""
+        self.ranks.fence(faults)
 
     def recover(self) -> list[RequestOutput]:
         """After a step failed (a rank died or stalled): forget the steps in flight, re-queue every

@@ -13,11 +13,20 @@ the engine request, so the KV blocks are free at the next step.
 
 A request is checked once on its way in: the wire mapping (`wire.py`) checks what only the wire
 has, SamplingParams its values, `AsyncEngine.submit` the deployment's limits and the request id.
+Every RPC's request bytes go through the wire checks: bytes that are not its message, or carry
+fields this server does not know, are INVALID_ARGUMENT (nothing logged).
+
+What clients are told when a call fails is short and stable: a status code, then "request <id>:
+<reason>" (UNAVAILABLE: loading, draining, the server lost a rank, the engine failed; INTERNAL:
+a bug); the details (ranks, addresses, tracebacks) are logged once, by the engine or here. When the
+engine loses a rank (its watchdog: `async_engine.py`), health turns NOT_SERVING and
+GetServerStatus names the ranks and causes (`faults`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -28,19 +37,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scheduler.engine import Engine
+from scheduler.engine import Engine, FaultyRank
 from scheduler.request import FinishReason, InvalidRequest
 from scheduler.scheduler import QueueFull
 from serving.async_engine import AsyncEngine, EngineStopped, RequestStream
 from serving.detokenize import IncrementalDetokenizer, StopStrings
 from serving.v1 import generation_pb2 as pb
-from serving.wire import check_wire, parse_generate_request, to_engine_request, wire_field
+from serving.wire import (check_wire, parse_generate_request, parse_request, request_id_of, to_engine_request,
+                          wire_field)
 
 log = logging.getLogger("shuttle.server")
 
 SERVICE = "shuttle.v1.Generation"
 FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
           FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED}
+RANK_KIND = {"attention": pb.RankFault.KIND_ATTENTION, "expert": pb.RankFault.KIND_EXPERT}
+FAULT_CAUSE = {FaultyRank.DEAD: pb.RankFault.CAUSE_DEAD, FaultyRank.NOT_ANSWERING: pb.RankFault.CAUSE_NOT_ANSWERING,
+               FaultyRank.STOPPED_SERVING: pb.RankFault.CAUSE_STOPPED_SERVING}
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ class Server:
 
     async def attach(self, engine: Engine, model: ServedModel) -> None:
         """Serve this engine: start it on a thread driven from this loop; health turns SERVING."""
-        self.engine = AsyncEngine(engine, on_failure=self._engine_failed)
+        self.engine = AsyncEngine(engine, on_failure=self._engine_failed, on_recovery=self._recovering)
         self.engine.start()
         self.model = model
         self.state = pb.ServerStatus.STATE_SERVING
@@ -177,6 +190,15 @@ class Server:
         """Why the engine failed, or None."""
         return None if self.engine is None else self.engine.error
 
+    def _recovering(self, faults) -> None:
+        """The engine replaces its ranks (faults) or is done (None): NOT_SERVING meanwhile."""
+        if self.state not in (pb.ServerStatus.STATE_SERVING, pb.ServerStatus.STATE_RECOVERING):
+            return          # draining or failed: those states win
+        self.state = pb.ServerStatus.STATE_RECOVERING if faults else pb.ServerStatus.STATE_SERVING
+        serving = health_pb2.HealthCheckResponse.NOT_SERVING if faults else health_pb2.HealthCheckResponse.SERVING
+        for service in ("", SERVICE):
+            asyncio.ensure_future(self.health.set(service, serving))
+
     def _engine_failed(self, reason: str) -> None:
         self.state = pb.ServerStatus.STATE_FAILED
         for service in ("", SERVICE):
@@ -185,62 +207,71 @@ class Server:
 
     # ---- handlers ----------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
-        def unary(fn, parse, out):
-            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=parse, response_serializer=out.SerializeToString)
+        def unary(fn, request, out):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=parse_request(request),
+                                                       response_serializer=out.SerializeToString)
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Generate": unary(self.Generate, parse_generate_request, pb.GenerateResponse),
+            "Generate": unary(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
             "GenerateStream": grpc.unary_stream_rpc_method_handler(
                 self.GenerateStream, request_deserializer=parse_generate_request,
                 response_serializer=pb.GenerateChunk.SerializeToString),
-            "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest.FromString, pb.ModelInfo),
-            "GetServerStatus": unary(self.GetServerStatus, pb.GetServerStatusRequest.FromString, pb.ServerStatus),
+            "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
+            "GetServerStatus": unary(self.GetServerStatus, pb.GetServerStatusRequest, pb.ServerStatus),
         })
 
     async def Generate(self, request, context) -> pb.GenerateResponse:
-        job = await self._begin(request, context)
-        try:
-            async for out in job.stream:
-                job.feed(out)
-                if job.finish is not None:
-                    break
-            return pb.GenerateResponse(request_id=job.request_id, token_ids=job.token_ids, text="".join(job.text),
-                                       finish_reason=FINISH[job.finish], logprobs=job.logprobs if self._wants_logprobs(request) else [],
-                                       usage=self._usage(job), timing=self._timing(job.stream))
-        except EngineStopped as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        finally:
-            self._end(job)
+        request_id = await self._checked(request, context)
+        async with self._answering(request_id, context):
+            job = await self._begin(request_id, request, context)
+            try:
+                async for out in job.stream:
+                    job.feed(out)
+                    if job.finish is not None:
+                        break
+                return pb.GenerateResponse(request_id=job.request_id, token_ids=job.token_ids, text="".join(job.text),
+                                           finish_reason=FINISH[job.finish], logprobs=job.logprobs if self._wants_logprobs(request) else [],
+                                           usage=self._usage(job), timing=self._timing(job.stream))
+            finally:
+                self._end(job)
 
     async def GenerateStream(self, request, context):
-        job = await self._begin(request, context)
+        request_id = await self._checked(request, context)
         logprobs = self._wants_logprobs(request)
-        try:
-            async for out in job.stream:
-                ids, text, lps = job.feed(out)
-                chunk = pb.GenerateChunk(request_id=job.request_id, token_ids=ids, text=text,
-                                         logprobs=lps if logprobs else [])
-                if job.finish is not None:
-                    chunk.finish_reason = FINISH[job.finish]
-                    chunk.usage.CopyFrom(self._usage(job))
-                    chunk.timing.CopyFrom(self._timing(job.stream))
+        async with self._answering(request_id, context):
+            job = await self._begin(request_id, request, context)
+            try:
+                async for out in job.stream:
+                    ids, text, lps = job.feed(out)
+                    chunk = pb.GenerateChunk(request_id=job.request_id, token_ids=ids, text=text,
+                                             logprobs=lps if logprobs else [])
+                    if job.finish is not None:
+                        chunk.finish_reason = FINISH[job.finish]
+                        chunk.usage.CopyFrom(self._usage(job))
+                        chunk.timing.CopyFrom(self._timing(job.stream))
+                        yield chunk
+                        return
                     yield chunk
-                    return
-                yield chunk
-        except EngineStopped as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        finally:
-            self._end(job)
+            finally:
+                self._end(job)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        await self._checked(request, context)
         m = self.model
         if m is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        return pb.ModelInfo(name=m.name, family=m.family, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
-                            eos_token_ids=m.eos_token_ids, has_tokenizer=m.tokenizer is not None, num_layers=m.num_layers,
-                            num_experts=m.num_experts, experts_per_token=m.experts_per_token, hidden_size=m.hidden_size,
-                            dtype=m.dtype, max_request_bytes=self.options.max_request_bytes)
+        async with self._answering(None, context):
+            return pb.ModelInfo(name=m.name, family=m.family, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
+                                eos_token_ids=m.eos_token_ids, has_tokenizer=m.tokenizer is not None,
+                                num_layers=m.num_layers, num_experts=m.num_experts,
+                                experts_per_token=m.experts_per_token, hidden_size=m.hidden_size, dtype=m.dtype,
+                                max_request_bytes=self.options.max_request_bytes)
 
     async def GetServerStatus(self, request, context) -> pb.ServerStatus:
+        await self._checked(request, context)
+        async with self._answering(None, context):
+            return self._server_status()
+
+    def _server_status(self) -> pb.ServerStatus:
         status = pb.ServerStatus(state=self.state, uptime_s=time.monotonic() - self.started_at)
         if self.engine is None:
             return status
@@ -250,36 +281,60 @@ class Server:
             attention_ranks=c.attention_ranks, expert_ranks=c.expert_ranks, micro_batches=c.micro_batches,
             max_batch_tokens=c.max_batch_tokens, max_num_seqs=c.max_num_seqs, max_queue=c.max_queue,
             waiting=s.waiting, running=s.running, steps=s.steps, requests_finished=s.requests_finished,
-            tokens_generated=s.tokens_generated, error=s.error or ""))
+            tokens_generated=s.tokens_generated, error=s.error or "", recoveries=s.recoveries))
         block_size = self.engine.engine.limits.block_size
         for r, (used, total) in enumerate(s.kv_usage):
             status.kv.add(attention_rank=r, used_blocks=used, total_blocks=total, block_size=block_size)
         owner = self.model.expert_owner
         for r in range(c.expert_ranks):
             status.placement.add(expert_rank=r, expert_ids=[e for e, o in enumerate(owner) if o == r])
+        for f in s.faults:
+            status.faults.add(kind=RANK_KIND.get(f.kind, pb.RankFault.KIND_UNSPECIFIED), rank=f.rank,
+                              cause=FAULT_CAUSE.get(f.cause, pb.RankFault.CAUSE_UNSPECIFIED))
         return status
 
     # ---- a call's start and end --------------------------------------------------------------
-    async def _begin(self, request, context) -> GenerationJob:
-        if self.state == pb.ServerStatus.STATE_LOADING:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
-        if self.state == pb.ServerStatus.STATE_DRAINING:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down)")
-        if self.state == pb.ServerStatus.STATE_FAILED:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine failed: {self.engine.error}")
-        m = self.model
-        kind = None
+    async def _checked(self, request, context) -> str | None:
+        """The wire checks every RPC's request passes (INVALID_ARGUMENT ends the call here); returns a
+        GenerateRequest's id, the caller's or a new one."""
         try:
             check_wire(request, self.options.max_request_bytes)
-            kind = request.WhichOneof("input")
-            req = to_engine_request(request, m.tokenizer, lambda: uuid.uuid4().hex)
+            return request_id_of(request, lambda: uuid.uuid4().hex) if isinstance(request, pb.GenerateRequest) else None
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.reason}")
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, request_id: str | None, context):
+        """How a call that fails is answered: a stable code and a short message naming the request;
+        anything unforeseen is logged here, once, with its traceback, and answered INTERNAL."""
+        told = f"request {request_id}: " if request_id else ""
+        try:
+            yield
+        except grpc.aio.AbortError:     # the call was already answered
+            raise
+        except EngineStopped as e:      # the engine logged why
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{told}{e}; retry later")
+        except Exception:  # noqa: BLE001 - a bug: the client gets a short answer, the log the details
+            log.exception("%scall failed", told)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{told}internal error")
+
+    async def _begin(self, request_id: str, request, context) -> GenerationJob:
+        told = f"request {request_id}: "
+        if self.state == pb.ServerStatus.STATE_LOADING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{told}the model is still loading; retry when health is SERVING")
+        if self.state == pb.ServerStatus.STATE_DRAINING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{told}the server is draining (shutting down)")
+        if self.state == pb.ServerStatus.STATE_FAILED:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{told}{self.engine.error}; retry later")
+        m = self.model
+        kind = request.WhichOneof("input")
+        try:
+            req = to_engine_request(request, m.tokenizer, request_id)
             stream = await self.engine.submit(req.prompt_token_ids, req.sampling, req.request_id)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{wire_field(e.field, kind)}: {e.reason}")
         except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineStopped as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{told}{e}; retry later")
         detok = IncrementalDetokenizer(m.tokenizer, req.prompt_token_ids) if m.tokenizer is not None else None
         job = GenerationJob(req.request_id, len(req.prompt_token_ids), stream, detok, StopStrings(req.stop))
         self._jobs.add(job)

@@ -1,9 +1,10 @@
 """GenerateRequest (the wire) <-> what the engine takes, with every bad input named by its field.
 
 Field names in errors are the proto's, dotted from the request (`sampling.top_p`, `token_ids`),
-so a client in any language can find what to fix. Wire-level problems come first: a message that
-does not parse, unknown fields (also what a known field sent with the wrong type becomes), and
-oversized messages. Then this module checks only what exists on the wire alone (the input oneof,
+so a client in any language can find what to fix. Wire-level problems come first, for every RPC's
+request (`parse_request`, `check_wire`): a message that does not parse, unknown fields (also what a
+known field sent with the wrong type becomes), and oversized messages; the server answers them
+INVALID_ARGUMENT and logs nothing. Then this module checks only what exists on the wire alone (the input oneof,
 text prompts, stop strings, the request id's length); the values' rules are SamplingParams' own
 (checked when it is built) and the deployment's limits are `validate_request`'s (checked by
 `AsyncEngine.submit`): their errors name engine fields, which `wire_field` renames.
@@ -12,6 +13,7 @@ text prompts, stop strings, the request id's length); the values' rules are Samp
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
@@ -28,18 +30,25 @@ SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 @dataclass(frozen=True)
 class MalformedRequest:
-    """What the deserializer returns for bytes that are not a GenerateRequest (gRPC would say INTERNAL)."""
+    """What the deserializer returns for bytes that are not the RPC's request message (left to gRPC,
+    a parse failure would answer UNKNOWN and log a traceback per call)."""
 
-    error: str
+    message_type: str    # the full proto name of the message expected
 
 
-def parse_generate_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
-    msg = pb.GenerateRequest()
-    try:
-        msg.ParseFromString(data)
-    except DecodeError as e:
-        return MalformedRequest(str(e))
-    return msg
+def parse_request(message_class) -> Callable[[bytes], object]:
+    """The request deserializer of one RPC: the message, or a MalformedRequest (it never raises)."""
+    def parse(data: bytes):
+        msg = message_class()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError:
+            return MalformedRequest(msg.DESCRIPTOR.full_name)
+        return msg
+    return parse
+
+
+parse_generate_request = parse_request(pb.GenerateRequest)
 
 
 @dataclass(frozen=True)
@@ -51,24 +60,47 @@ class EngineRequest:
 
 
 def check_wire(msg, max_request_bytes: int) -> None:
-    """Reject what is wrong with the message itself rather than its values."""
+    """Reject what is wrong with the message itself rather than its values (any RPC's request)."""
     if isinstance(msg, MalformedRequest):
-        raise InvalidRequest("request", f"is not a valid shuttle.v1.GenerateRequest: {msg.error}")
+        raise InvalidRequest("request", f"is not a valid {msg.message_type}")
     size = msg.ByteSize()
     if size > max_request_bytes:
         raise InvalidRequest("request", f"is {size} bytes; this server accepts at most {max_request_bytes}")
-    for path, part in (("request", msg), ("sampling", msg.sampling), ("token_ids", msg.token_ids)):
-        unknown = [f.field_number for f in unknown_fields.UnknownFieldSet(part)]
-        if unknown:
-            raise InvalidRequest(path, f"field number(s) {sorted(set(unknown))} are unknown to this server or sent "
-                                       f"with the wrong type (see proto/shuttle/v1/generation.proto)")
+    found = _unknown_fields(msg, "request")
+    if found:
+        path, numbers = found
+        raise InvalidRequest(path, f"field number(s) {numbers} are unknown to this server or sent "
+                                   f"with the wrong type (see proto/shuttle/v1/generation.proto)")
 
 
-def to_engine_request(msg: pb.GenerateRequest, tokenizer, new_id) -> EngineRequest:
-    """Map the fields (tokenizing a text prompt); raises InvalidRequest naming the wire field."""
+def _unknown_fields(msg, path: str) -> tuple[str, list[int]] | None:
+    """(path, field numbers) of the first message, depth first, that carries fields this server's
+    proto does not know; paths are the proto's field names below the request (`sampling`)."""
+    numbers = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(msg)})
+    if numbers:
+        return path, numbers
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        name = fd.name if path == "request" else f"{path}.{fd.name}"
+        parts = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if fd.is_repeated else [(name, value)]
+        for part_path, part in parts:
+            found = _unknown_fields(part, part_path)
+            if found:
+                return found
+    return None
+
+
+def request_id_of(msg: pb.GenerateRequest, new_id) -> str:
+    """The caller's request id (checked), or a new one from `new_id()`."""
     if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"has {len(msg.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-    request_id = msg.request_id or new_id()
+    return msg.request_id or new_id()
+
+
+def to_engine_request(msg: pb.GenerateRequest, tokenizer, request_id: str) -> EngineRequest:
+    """Map the fields (tokenizing a text prompt); raises InvalidRequest naming the wire field.
+    `request_id` is `request_id_of(msg, ...)`."""
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "set either prompt (text) or token_ids")

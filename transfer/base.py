@@ -55,6 +55,7 @@ class DataPlane:
     timeout_s: float              # deadline of every wait on a peer (but an idle expert rank's)
     inline_bytes: int = 64 * 1024
     connect_timeout_s: float = 120.0
+    local: object = None          # backend "inprocess": the ranks' shared hub (never crosses a process)
 
     @property
     def num_expert(self) -> int:

@@ -172,8 +172,36 @@ class KvUsage(_message.Message):
     block_size: int
     def __init__(self, attention_rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
+class RankFault(_message.Message):
+    __slots__ = ("kind", "rank", "cause")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[RankFault.Kind]
+        KIND_ATTENTION: _ClassVar[RankFault.Kind]
+        KIND_EXPERT: _ClassVar[RankFault.Kind]
+    KIND_UNSPECIFIED: RankFault.Kind
+    KIND_ATTENTION: RankFault.Kind
+    KIND_EXPERT: RankFault.Kind
+    class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CAUSE_UNSPECIFIED: _ClassVar[RankFault.Cause]
+        CAUSE_DEAD: _ClassVar[RankFault.Cause]
+        CAUSE_NOT_ANSWERING: _ClassVar[RankFault.Cause]
+        CAUSE_STOPPED_SERVING: _ClassVar[RankFault.Cause]
+    CAUSE_UNSPECIFIED: RankFault.Cause
+    CAUSE_DEAD: RankFault.Cause
+    CAUSE_NOT_ANSWERING: RankFault.Cause
+    CAUSE_STOPPED_SERVING: RankFault.Cause
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    kind: RankFault.Kind
+    rank: int
+    cause: RankFault.Cause
+    def __init__(self, kind: _Optional[_Union[RankFault.Kind, str]] = ..., rank: _Optional[int] = ..., cause: _Optional[_Union[RankFault.Cause, str]] = ...) -> None: ...
+
 class ServerStatus(_message.Message):
-    __slots__ = ("state", "attention_ranks", "expert_ranks", "micro_batches", "max_batch_tokens", "max_num_seqs", "max_queue", "placement", "waiting", "running", "kv", "steps", "requests_finished", "tokens_generated", "uptime_s", "error")
+    __slots__ = ("state", "attention_ranks", "expert_ranks", "micro_batches", "max_batch_tokens", "max_num_seqs", "max_queue", "placement", "waiting", "running", "kv", "steps", "requests_finished", "tokens_generated", "uptime_s", "error", "faults", "recoveries")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ServerStatus.State]
@@ -181,11 +209,13 @@ class ServerStatus(_message.Message):
         STATE_SERVING: _ClassVar[ServerStatus.State]
         STATE_DRAINING: _ClassVar[ServerStatus.State]
         STATE_FAILED: _ClassVar[ServerStatus.State]
+        STATE_RECOVERING: _ClassVar[ServerStatus.State]
     STATE_UNSPECIFIED: ServerStatus.State
     STATE_LOADING: ServerStatus.State
     STATE_SERVING: ServerStatus.State
     STATE_DRAINING: ServerStatus.State
     STATE_FAILED: ServerStatus.State
+    STATE_RECOVERING: ServerStatus.State
     STATE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_RANKS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +232,8 @@ class ServerStatus(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     state: ServerStatus.State
     attention_ranks: int
     expert_ranks: int
@@ -218,4 +250,6 @@ class ServerStatus(_message.Message):
     tokens_generated: int
     uptime_s: float
     error: str
-    def __init__(self, state: _Optional[_Union[ServerStatus.State, str]] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., micro_batches: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertRankPlacement, _Mapping]]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv: _Optional[_Iterable[_Union[KvUsage, _Mapping]]] = ..., steps: _Optional[int] = ..., requests_finished: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., uptime_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    faults: _containers.RepeatedCompositeFieldContainer[RankFault]
+    recoveries: int
+    def __init__(self, state: _Optional[_Union[ServerStatus.State, str]] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., micro_batches: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertRankPlacement, _Mapping]]] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv: _Optional[_Iterable[_Union[KvUsage, _Mapping]]] = ..., steps: _Optional[int] = ..., requests_finished: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., uptime_s: _Optional[float] = ..., error: _Optional[str] = ..., faults: _Optional[_Iterable[_Union[RankFault, _Mapping]]] = ..., recoveries: _Optional[int] = ...) -> None: ...

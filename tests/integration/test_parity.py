@@ -62,3 +62,15 @@ def test_matches_hugging_face_without_scheduling_ahead(ray_session, tiny_model, 
     for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
         assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
         assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 2)], ids=lambda s: "A%dE%dM%d" % s)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_colocated_ranks_match_hugging_face(ray_session, tiny_model, references, family, shape):
+    """Attention and expert ranks in one process (in-process transfer): the same tokens and logits."""
+    ref_tokens, ref_logits = references(family)
+    out, health = run(tiny_model(family), shape, colocate=True)
+    assert health[0]["colocated_expert_ranks"] == shape[1]
+    for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
+        assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
+        assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4, f"prompt {i}: logits differ"

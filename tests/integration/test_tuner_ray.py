@@ -1,22 +1,59 @@
 """`shuttle tune` on a real deployment: profile a tiny model, plan from it, draw a measured timeline."""
 
+import inspect
 import json
-import time
 
 import pytest
 import yaml
 
+import tuner.profiler
+from scheduler.engine import Engine
 from shuttle.cli import main
+from tuner.measure import WARM_STEPS_MAX
+
+BATCHES, CONTEXTS, STEPS, CALIBRATE = (1, 4, 16), (16, 64), 5, [(1, 2, 1, 8), (1, 1, 2, 8)]
 
 
 @pytest.fixture(scope="module")
 def profiled(tiny_model, tmp_path_factory):
+    """Runs the profile once, recording the work it does: every measured configuration with the engine
+    steps it took, every calibration run, and whether the contention probe ran."""
     model = tiny_model("mixtral")
     out = tmp_path_factory.mktemp("tune") / "profile.json"
-    t0 = time.monotonic()
-    rc = main(["tune", "profile", "--model", model, "--threads", "2", "--batches", "1,4,16", "--contexts", "16,64",
-               "--steps", "5", "--calibrate", "1,2,1,8", "1,1,2,8", "--out", str(out)])
-    return model, out, rc, time.monotonic() - t0
+    work = {"samples": [], "calibration": [], "contention": 0}
+    steps = [0]
+
+    def counted_step(self, *args, **kwargs):
+        steps[0] += 1
+        return real_step(self, *args, **kwargs)
+
+    def recorded(real, into):
+        signature = inspect.signature(real)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            first = steps[0]
+            result = real(*args, **kwargs)
+            into.append({**{k: v for k, v in bound.arguments.items() if isinstance(v, (int, str))},
+                         "engine_steps": steps[0] - first})
+            return result
+        return call
+
+    def contention(*args, **kwargs):
+        work["contention"] += 1
+        return real_contention(*args, **kwargs)
+
+    real_step, real_contention = Engine.step, tuner.profiler.concurrent_slowdown
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "step", counted_step)
+        mp.setattr(tuner.profiler, "_measure", recorded(tuner.profiler._measure, work["samples"]))
+        mp.setattr(tuner.profiler, "measure_decode", recorded(tuner.profiler.measure_decode, work["calibration"]))
+        mp.setattr(tuner.profiler, "concurrent_slowdown", contention)
+        rc = main(["tune", "profile", "--model", model, "--threads", "2", "--batches", ",".join(map(str, BATCHES)),
+                   "--contexts", ",".join(map(str, CONTEXTS)), "--steps", str(STEPS),
+                   "--calibrate", *[",".join(map(str, c)) for c in CALIBRATE], "--out", str(out)])
+    return model, out, rc, work
 
 
 def doc_calibration(path):
@@ -28,8 +65,21 @@ def doc_interference(path):
 
 
 def test_profile_fits_every_stage_quickly(profiled, capsys):
-    model, out, rc, seconds = profiled
-    assert rc == 0 and seconds < 60
+    """Quickly: with the work asked for and no more, counted in configurations and engine steps (how
+    long they take depends on whatever else the machine runs)."""
+    model, out, rc, work = profiled
+    assert rc == 0
+    # one warm-up configuration, then each (batch, context) once at the one thread count asked for, each
+    # taking its traced steps plus two: the prefill (one step holds the whole batch) and one untimed decode
+    assert [(s["key"], s["b"], s["ctx"], s["steps"]) for s in work["samples"]] == \
+        [("warm", max(BATCHES), max(CONTEXTS), 2)] + [("2", b, ctx, STEPS) for ctx in CONTEXTS for b in BATCHES]
+    assert all(s["steps"] < s["engine_steps"] <= s["steps"] + 2 for s in work["samples"]), work["samples"]
+    # the calibration runs asked for (not the four default ones), each its prefill, its warm-up (bounded
+    # in steps) and its traced steps; with calibration runs the contention probe is not needed
+    assert [(r["n_a"], r["n_e"], r["m"], r["batch"]) for r in work["calibration"]] == CALIBRATE
+    assert all(r["steps"] < r["engine_steps"] <= 1 + WARM_STEPS_MAX + r["steps"] for r in work["calibration"]), \
+        work["calibration"]
+    assert work["contention"] == 0
     # both calibration runs traced: one whose sides take turns (compute scale), one that overlaps (slowdown)
     assert len(doc_calibration(out)) == 2 and doc_interference(out)["slowdown_from"] == "spans"
     doc = json.loads(out.read_text())

@@ -6,7 +6,7 @@ import threading
 import time
 
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, InProcessRanks
+from scheduler.engine import Engine, FaultyRank, InProcessRanks, RankFault
 from scheduler.messages import PENDING_TOKEN, SampledToken, StepResult
 from serving.server import ServedModel
 
@@ -19,11 +19,21 @@ def fake_token(last_token: int, position: int) -> int:
 
 
 class FakeRanks(InProcessRanks):
-    """Attention ranks that sample `fake_token`; optional per-step delay and a step that fails."""
+    """Attention ranks that sample `fake_token`; optional per-step delay, a step that fails, a step that
+    hangs (until shutdown, as on a stopped rank), and the faults `probe` reports."""
 
-    def __init__(self, step_s: float = 0.0, fail_at_step: int | None = None):
+    def __init__(self, step_s: float = 0.0, fail_at_step: int | None = None, hang_at_step: int | None = None,
+                 faults: tuple[FaultyRank, ...] = ()):
+        """A hung step ends when the ranks shut down, or raises RankFault once `fence` is called;
+        `recover` gives healthy ranks (no fault, no hang, no state) and counts."""
+        self.fenced = threading.Event()
+        self.recoveries = 0
         self.step_s = step_s
         self.fail_at_step = fail_at_step
+        self.hang_at_step = hang_at_step
+        self.faults = list(faults)
+        self.probes = 0
+        self.hung_at: float | None = None   # when the hanging step started (time.monotonic())
         self.released: list[str] = []
         self.last: dict[str, int] = {}     # what a real attention rank keeps to feed PENDING_TOKEN
         self.shut = threading.Event()
@@ -31,6 +41,13 @@ class FakeRanks(InProcessRanks):
     def run_step(self, plans):
         if self.step_s:
             time.sleep(self.step_s)
+        if self.hang_at_step is not None and plans[0].step >= self.hang_at_step:
+            self.hung_at = time.monotonic()
+            while not (self.shut.is_set() or self.fenced.wait(0.01)):
+                pass
+            if self.fenced.is_set():
+                raise RankFault(f"step {plans[0].step}: expert rank 0 was fenced (injected)")
+            raise RuntimeError(f"step {plans[0].step}: expert rank 0 (10.1.2.3:29500) timed out (injected)")
         if self.fail_at_step is not None and plans[0].step >= self.fail_at_step:
             raise RuntimeError(f"step {plans[0].step}: attention rank 0 died (injected)")
         results = []
@@ -44,6 +61,20 @@ class FakeRanks(InProcessRanks):
             results.append(StepResult(plan.step, rank, tokens))
         return results
 
+    def probe(self, timeout_s):
+        self.probes += 1
+        return list(self.faults)
+
+    def fence(self, faults):
+        self.fenced.set()
+
+    def recover(self):
+        self.recoveries += 1
+        self.hang_at_step = self.fail_at_step = None
+        self.faults = []
+        self.last.clear()            # new ranks know nothing
+        self.fenced.clear()
+
     def shutdown(self):
         self.shut.set()
 
@@ -55,11 +86,12 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt):]
 
 
-def fake_engine(step_s=0.0, fail_at_step=None, eos=(), max_len=256, blocks=64, **cfg) -> Engine:
+def fake_engine(step_s=0.0, fail_at_step=None, eos=(), max_len=256, blocks=64, hang_at_step=None, faults=(),
+                **cfg) -> Engine:
     config = EngineConfig(**{"block_size": 4, "attention_ranks": 2, "max_num_seqs": 8, **cfg})
     limits = EngineLimits(max_model_len=max_len, kv_blocks_per_rank=blocks, block_size=4, vocab_size=VOCAB,
                           eos_token_ids=tuple(eos))
-    return Engine(config, limits, FakeRanks(step_s, fail_at_step))
+    return Engine(config, limits, FakeRanks(step_s, fail_at_step, hang_at_step, faults))
 
 
 _TOKENIZER = []

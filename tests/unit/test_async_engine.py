@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from serving.async_engine import AsyncEngine, EngineStopped
+from serving.async_engine import ENGINE_FAILED, AsyncEngine, EngineStopped
 from scheduler.request import FinishReason, InvalidRequest, SamplingParams
 from scheduler.scheduler import QueueFull
 from serving_fakes import expected_tokens, fake_engine
@@ -76,20 +76,23 @@ def test_invalid_request_and_full_queue_are_refused_without_hurting_others():
     assert [len(t) for t, _ in done] == [30, 30, 3]
 
 
-def test_engine_failure_fails_every_request_and_later_submits():
+def test_engine_failure_fails_every_request_and_later_submits(caplog):
     failures = []
 
     async def go(ae):
         streams = [await ae.submit([i + 1], SamplingParams(max_tokens=50), f"r{i}") for i in range(4)]
         for s in streams:
-            with pytest.raises(EngineStopped, match="injected"):
+            with pytest.raises(EngineStopped) as e:
                 await collect(s)
-        with pytest.raises(EngineStopped, match="injected"):
+            assert str(e.value) == ENGINE_FAILED     # the cause is in the log, not in what clients see
+        with pytest.raises(EngineStopped, match=ENGINE_FAILED):
             await ae.submit([1], SamplingParams(), "late")
         return ae.status()
 
     status = run(go, fake_engine(step_s=0.01, fail_at_step=10), on_failure=failures.append)
-    assert "injected" in status.error and failures and "injected" in failures[0]
+    assert status.error == ENGINE_FAILED and failures == [ENGINE_FAILED] and status.faults == ()
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and "injected" in str(logged[0].exc_info[1])   # the details, once
 
 
 def test_shutdown_stops_the_ranks_and_is_not_a_failure():

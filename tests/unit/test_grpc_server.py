@@ -1,5 +1,8 @@
 """The gRPC server over a real channel, with a fake deployment (no Ray): every status code and message."""
 
+import dataclasses
+import logging
+import random
 import threading
 import time
 
@@ -8,6 +11,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from grpc_harness import ServerThread, self_signed
+from scheduler.engine import FaultyRank
 from serving.server import ServerOptions
 from serving_fakes import VOCAB, expected_tokens, fake_engine, served_model, tokenizer
 from serving.v1 import generation_pb2 as pb
@@ -218,19 +222,116 @@ def test_drain_grace_over_cancels_what_is_left():
     assert last.finish_reason == pb.FINISH_REASON_CANCELLED
 
 
-def test_engine_failure_is_unavailable_not_a_hang():
+def test_engine_failure_is_unavailable_not_a_hang(caplog):
     engine = fake_engine(step_s=0.01, fail_at_step=5)
     s = ServerThread().attach(engine, served_model(engine))
     try:
         with ShuttleClient(s.address, timeout_s=30) as c:
-            code, message = code_and_message(lambda: c.generate(token_ids=[1], max_tokens=50))
-            assert code == grpc.StatusCode.UNAVAILABLE and "injected" in message
-            assert c.status().state == pb.ServerStatus.STATE_FAILED and "injected" in c.status().error
-            assert wait_for(lambda: c.health() == "NOT_SERVING")
-            code, _ = code_and_message(lambda: c.generate(token_ids=[1]))
+            code, message = code_and_message(lambda: c.generate(token_ids=[1], max_tokens=50, request_id="7f3a"))
             assert code == grpc.StatusCode.UNAVAILABLE
+            assert message == "request 7f3a: internal error in the engine; retry later"
+            status = c.status()
+            assert status.state == pb.ServerStatus.STATE_FAILED and status.error == "internal error in the engine"
+            assert wait_for(lambda: c.health() == "NOT_SERVING")
+            code, message = code_and_message(lambda: c.generate(token_ids=[1], request_id="late"))
+            assert code == grpc.StatusCode.UNAVAILABLE and message.startswith("request late: ")
     finally:
         s.drain(0)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "injected" in str(tracebacks[0].exc_info[1])   # the details: the log, once
+
+
+def test_a_lost_rank_is_declared_in_seconds_and_told_briefly():
+    lost = FaultyRank("expert", 0, FaultyRank.NOT_ANSWERING, "no answer from 10.1.2.3 (pid 4242) within 0.1s")
+    engine = fake_engine(step_s=0.005, hang_at_step=6, faults=[lost], fault_detect_s=0.4, max_recoveries=0)
+    s = ServerThread().attach(engine, served_model(engine))
+    try:
+        with ShuttleClient(s.address, timeout_s=30) as c:
+            stream = c.stream(token_ids=[1], max_tokens=200, request_id="7f3a")
+            code, message = code_and_message(lambda: list(stream))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert message == "request 7f3a: the server lost a rank; retry later"
+            assert time.monotonic() - engine.ranks.hung_at < 5       # not the transfer deadline (60 s)
+            assert c.health() == "NOT_SERVING" and c.health("shuttle.v1.Generation") == "NOT_SERVING"
+            status = c.status()
+            assert status.state == pb.ServerStatus.STATE_FAILED and status.error == "the server lost a rank"
+            assert [(f.kind, f.rank, f.cause) for f in status.faults] == [
+                (pb.RankFault.KIND_EXPERT, 0, pb.RankFault.CAUSE_NOT_ANSWERING)]
+            code, message = code_and_message(lambda: c.generate(token_ids=[1], request_id="next"))
+            assert code == grpc.StatusCode.UNAVAILABLE and message == "request next: the server lost a rank; retry later"
+    finally:
+        s.drain(0)
+
+
+def test_a_lost_rank_is_recovered_and_the_stream_pauses_instead_of_failing():
+    lost = FaultyRank("expert", 0, FaultyRank.NOT_ANSWERING, "no answer from 10.1.2.3 (pid 4242) within 0.1s")
+    engine = fake_engine(step_s=0.005, hang_at_step=6, faults=[lost], fault_detect_s=0.4, attention_ranks=1)
+    s = ServerThread().attach(engine, served_model(engine))
+    try:
+        with ShuttleClient(s.address, timeout_s=30) as c:
+            tokens = [t for chunk in c.stream(token_ids=[1], max_tokens=40, request_id="7f3a") for t in chunk.token_ids]
+            assert tokens == expected_tokens([1], 40)        # recomputed after the fault: the same tokens
+            status = c.status()
+            assert status.state == pb.ServerStatus.STATE_SERVING and status.recoveries == 1 and not status.faults
+            assert c.health() == "SERVING"
+            assert engine.ranks.recoveries == 1
+    finally:
+        s.drain(0)
+
+
+METHODS = ["Generate", "GenerateStream", "GetModelInfo", "GetServerStatus"]
+
+
+def raw_call(client, method):
+    path = f"/shuttle.v1.Generation/{method}"
+    if method == "GenerateStream":
+        call = client.channel.unary_stream(path)
+        return lambda data: list(call(data, timeout=10))
+    call = client.channel.unary_unary(path)
+    return lambda data: call(data, timeout=10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_rpc_refuses_garbage_and_unknown_fields_without_a_traceback(client, method, caplog):
+    call = raw_call(client, method)
+    rng = random.Random(method)
+    garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))) for _ in range(20)]
+    unknown = [b"\xf8\x01\x07",                     # field 31 (varint)
+               b"\xaa\x06\x02hi"]                    # field 101 (bytes)
+    for data in garbage + unknown:
+        code, message = code_and_message(lambda: call(data))
+        assert code == INVALID and message.startswith(("request:", "sampling:", "token_ids:")), (data, message)
+        assert len(message) < 200 and "Error" not in message and "Traceback" not in message, message
+    for data in unknown:
+        assert "field number(s)" in code_and_message(lambda: call(data))[1]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    if method.startswith("Get"):      # the empty message is the valid one
+        assert call(b"")
+
+
+class BrokenTokenizer:
+    """Decodes, but encoding (text prompts) fails like a bug would."""
+
+    def encode(self, text):
+        raise RuntimeError("tokenizer worker at 10.1.2.3:7000 crashed")
+
+    def __getattr__(self, name):
+        return getattr(tokenizer(), name)
+
+
+def test_a_bug_is_internal_with_the_request_id_and_logged_once(caplog):
+    engine = fake_engine()
+    s = ServerThread().attach(engine, dataclasses.replace(served_model(engine), tokenizer=BrokenTokenizer()))
+    try:
+        with ShuttleClient(s.address, timeout_s=30) as c:
+            for call in (lambda: c.generate("hello", request_id="b00"), lambda: list(c.stream("hello", request_id="b00"))):
+                code, message = code_and_message(call)
+                assert code == grpc.StatusCode.INTERNAL and message == "request b00: internal error"
+            assert len(c.generate(token_ids=[1], max_tokens=2).token_ids) == 2      # still serving
+    finally:
+        s.drain(0)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 2 and all("crashed" in str(r.exc_info[1]) for r in tracebacks)
 
 
 def test_token_id_only_model_says_so():

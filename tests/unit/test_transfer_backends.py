@@ -1,7 +1,10 @@
-"""The gloo backend between real processes (no Ray): a round trip, and a silent peer's clear error."""
+"""Transfer backends through `transfer.connect`: gloo between real processes (no Ray) and the
+in-process backend between threads: a round trip sums expert outputs per token, and a silent peer
+fails with a clear error."""
 
 import multiprocessing as mp
 import os
+import threading
 import time
 
 import pytest
@@ -24,11 +27,15 @@ def _expert(rank: int, port: int, mode: str, inline_bytes: int) -> None:
     if mode == "silent":
         time.sleep(30)
         os._exit(0)
+    _echo(t, rank - 1)
+
+
+def _echo(t, expert_rank: int) -> None:
+    """An expert rank whose "expert e" multiplies by (e + 1): output = Σ local experts weight · (e + 1) · x."""
     while (batch := t.dispatch_wait()) is not None:
-        # "expert e" multiplies by (e + 1): output = sum over local experts of weight · (e + 1) · x
         outs = []
         for x, ids, w in zip(batch.hidden, batch.topk_ids, batch.topk_weights):
-            local = (torch.tensor(OWNER)[ids] == rank - 1)
+            local = (torch.tensor(OWNER)[ids] == expert_rank)
             outs.append(x * ((ids + 1) * w * local).sum(-1, keepdim=True))
         t.combine_launch(batch, outs)
     t.close()
@@ -44,15 +51,9 @@ def _run(mode: str, timeout_s: float, inline_bytes: int = 64 * 1024):
     t = connect(_plane(store.port, timeout_s, inline_bytes), ATTENTION, 0)
     ok = False
     try:
-        x = torch.randn(6, H)
-        ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0], [3, 1], [0, 1]])   # rank 1 gets no token of layer... some rows
-        w = torch.rand(6, K)
-        results = []
-        for layer in range(2):
-            handles = [t.dispatch_launch(1, layer, j, x, ids, w) for j in range(2)]
-            results += [t.combine_wait(h) for h in handles]
+        results = _dispatch_two_layers(t)
         ok = True
-        return x, ids, w, results
+        return results
     finally:
         if ok:
             t.close()           # shutdown headers: the expert loops end
@@ -62,6 +63,17 @@ def _run(mode: str, timeout_s: float, inline_bytes: int = 64 * 1024):
             p.join(timeout=5 if ok else 0.1)     # after a failure (a silent peer) there is nothing to wait for
             if p.is_alive():
                 p.kill()
+
+
+def _dispatch_two_layers(t):
+    x = torch.randn(6, H)
+    ids = torch.tensor([[0, 1], [0, 2], [3, 2], [1, 0], [3, 1], [0, 1]])
+    w = torch.rand(6, K)
+    results = []
+    for layer in range(2):
+        handles = [t.dispatch_launch(1, layer, j, x, ids, w) for j in range(2)]   # both micro-batches in flight
+        results += [t.combine_wait(h) for h in handles]
+    return x, ids, w, results
 
 
 @pytest.mark.parametrize("inline_bytes", [64 * 1024, 4 * (H + 2 * K) * 4], ids=["inline", "overflow"])
@@ -81,3 +93,43 @@ def test_silent_expert_fails_with_peer_layer_and_micro_batch_named():
     assert time.monotonic() - t0 < 20
     msg = str(err.value)
     assert "expert rank 0" in msg and "layer 0" in msg and "micro-batch 0" in msg and "timeout 2s" in msg
+
+
+def _in_process(mode: str, timeout_s: float):
+    from transfer.base import ATTENTION, EXPERT, DataPlane, connect
+    from transfer.inprocess import Hub
+    plane = DataPlane("inprocess", "", 0, num_attention=1, owner=tuple(OWNER), hidden_size=H, top_k=K,
+                      dtype="float32", timeout_s=timeout_s, local=Hub(1, 2))
+    experts = [connect(plane, EXPERT, e) for e in range(2)]
+    threads = [threading.Thread(target=_echo, args=(t, e), daemon=True) for e, t in enumerate(experts)
+               if mode == "echo" or e == 0]              # "silent": expert rank 1 never answers
+    for th in threads:
+        th.start()
+    t = connect(plane, ATTENTION, 0)
+    try:
+        return _dispatch_two_layers(t)
+    finally:
+        t.close()
+        for th in threads:
+            th.join(timeout=5)
+
+
+def test_in_process_round_trip_sums_expert_outputs_per_token():
+    x, ids, w, results = _in_process("echo", timeout_s=20)
+    expected = x * ((ids + 1) * w).sum(-1, keepdim=True)
+    for got in results:
+        torch.testing.assert_close(got, expected)
+
+
+def test_in_process_silent_expert_fails_with_peer_layer_and_micro_batch_named():
+    with pytest.raises(Exception) as err:
+        _in_process("silent", timeout_s=0.5)
+    msg = str(err.value)
+    assert "expert rank 1" in msg and "layer 0" in msg and "micro-batch 0" in msg and "timeout 0.5s" in msg
+
+
+def test_an_unknown_backend_is_named():
+    from transfer.base import ATTENTION, DataPlane, connect
+    plane = DataPlane("carrier-pigeon", "", 0, 1, (0,), H, K, "float32", 1.0)
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        connect(plane, ATTENTION, 0)

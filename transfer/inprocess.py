@@ -1,0 +1,110 @@
+"""Transfer backend: every rank in one process (a colocated node), tensors handed over through queues.
+
+The ranks are threads of one process; `DataPlane.local` is their `Hub` (one queue per attention
+rank → expert rank pair and one back). Dispatch routes and packs exactly as the torch.distributed
+backend does (`transfer/messages.py`), but the messages are tensors passed by reference: no copy
+through a socket, no process switch, no rendezvous. Expert ranks are still driven by the messages
+(their serve loop runs on its own thread), so the rest of the system cannot tell this backend from
+another. Deadlines are the same as elsewhere: a wait on a peer thread that never answers raises
+TransferError after `timeout_s`; an idle expert rank's wait for the next message is open-ended.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+
+import torch
+
+from transfer.base import ATTENTION, AttentionEndpoint, DataPlane, ExpertBatch, ExpertEndpoint, TransferError
+from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, merge_combine, unpack_payload
+
+
+class Hub:
+    """The queues between A attention ranks and R expert ranks of one process."""
+
+    def __init__(self, num_attention: int, num_expert: int):
+        self.to_expert = [[queue.SimpleQueue() for _ in range(num_attention)] for _ in range(num_expert)]     # [e][a]
+        self.to_attention = [[queue.SimpleQueue() for _ in range(num_expert)] for _ in range(num_attention)]  # [a][e]
+
+
+def connect(plane: DataPlane, role: str, rank: int, device: torch.device) -> AttentionEndpoint | ExpertEndpoint:
+    if not isinstance(plane.local, Hub):
+        raise ValueError("the inprocess backend needs DataPlane.local = transfer.inprocess.Hub(A, R), "
+                         "shared by every rank of the process")
+    return (InProcessAttention if role == ATTENTION else InProcessExpert)(plane, rank, device)
+
+
+def _get(q: queue.SimpleQueue, timeout_s: float | None, what: str):
+    try:
+        return q.get(timeout=timeout_s)
+    except queue.Empty:
+        raise TransferError(f"{what} (timeout {timeout_s:g}s)") from None
+
+
+@dataclass
+class _Dispatch:
+    header: Header
+    parts: list = field(default_factory=list)       # (expert rank, token index or None)
+
+
+class InProcessAttention(AttentionEndpoint):
+    def __init__(self, plane: DataPlane, rank: int, device: torch.device):
+        self.rank, self.plane, self.device = rank, plane, device
+        self.owner = torch.tensor(plane.owner, dtype=torch.long, device=device)
+        self.hub: Hub = plane.local
+
+    def dispatch_launch(self, step, layer, micro_batch, hidden, topk_ids, topk_weights) -> _Dispatch:
+        handle = _Dispatch(Header(KIND_DATA, step, layer, micro_batch, hidden.shape[0]))
+        for e, (idx, payload) in enumerate(dispatch_rows(hidden, topk_ids, topk_weights, self.owner, self.plane.num_expert)):
+            n = hidden.shape[0] if idx is None else idx.numel()
+            if n:
+                handle.parts.append((e, idx))
+            self.hub.to_expert[e][self.rank].put((Header(KIND_DATA, step, layer, micro_batch, n), payload))
+        return handle
+
+    def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
+        h = handle.header
+        where = f"step {h.step}, layer {h.layer}, micro-batch {h.micro_batch}"
+        parts = [(idx, _get(self.hub.to_attention[self.rank][e], self.plane.timeout_s,
+                            f"attention rank {self.rank}: no combine from expert rank {e} ({where})"))
+                 for e, idx in handle.parts]
+        return merge_combine(h.count, parts, self.plane.hidden_size, self.plane.torch_dtype, self.device)
+
+    def close(self) -> None:
+        for e in range(self.plane.num_expert):
+            self.hub.to_expert[e][self.rank].put((Header(KIND_SHUTDOWN, 0, 0, 0, 0), []))
+
+
+class InProcessExpert(ExpertEndpoint):
+    def __init__(self, plane: DataPlane, rank: int, device: torch.device):
+        self.rank, self.plane, self.device = rank, plane, device
+        self.hub: Hub = plane.local
+
+    def dispatch_wait(self) -> ExpertBatch | None:
+        inbox = self.hub.to_expert[self.rank]
+        messages = [_get(inbox[a], None if a == 0 else self.plane.timeout_s,
+                         f"expert rank {self.rank}: no message from attention rank {a}")
+                    for a in range(self.plane.num_attention)]
+        headers = [h for h, _ in messages]
+        if {h.kind for h in headers} == {KIND_SHUTDOWN}:
+            return None
+        if len({(h.kind, h.step, h.layer, h.micro_batch) for h in headers}) > 1:
+            raise TransferError(f"expert rank {self.rank}: attention ranks are out of step: {headers}")
+        h0 = headers[0]
+        batch = ExpertBatch(h0.step, h0.layer, h0.micro_batch, [], [], [])
+        for _, payload in messages:
+            hidden, ids, weights = unpack_payload(payload, self.plane.hidden_size, self.plane.top_k,
+                                                  self.plane.torch_dtype, self.device)
+            batch.hidden.append(hidden)
+            batch.topk_ids.append(ids)
+            batch.topk_weights.append(weights)
+        return batch
+
+    def combine_launch(self, batch: ExpertBatch, outputs: list[torch.Tensor]) -> None:
+        for a, out in enumerate(outputs):
+            if out.shape[0]:
+                self.hub.to_attention[a][self.rank].put(out)
+
+    def close(self) -> None:
+        pass
