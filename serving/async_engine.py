@@ -276,7 +276,15 @@ class AsyncEngine:
                   "; ".join(f"{f}: {f.detail}" if f.detail else str(f) for f in faults) or "no rank named by a probe",
                   _first_line(fault))
         t0 = time.monotonic()
-        failed = self.engine.recover()
+        attempts = self.engine.config.max_recoveries
+        for attempt in range(1, attempts + 1):      # a rank may die again while the new set loads
+            try:
+                failed = self.engine.recover()
+                break
+            except RankFault as again:
+                if attempt == attempts:
+                    raise
+                log.error("recovery attempt %d of %d failed (%s); trying again", attempt, attempts, _first_line(again))
         with self._cv:
             self._recovering, self._faults = False, ()
             self._recoveries += 1
