@@ -53,6 +53,14 @@ def _wait(work, timeout_s: float | None, what: str) -> None:
         raise TransferError(f"{what}: {_gloo_reason(e)}") from e
 
 
+def _post(op, *args, what: str):
+    """Post an isend/irecv: a peer the backend already knows to be gone fails here, not in a wait."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        raise TransferError(f"{what}: {_gloo_reason(e)}") from e
+
+
 def _gloo_reason(e: Exception) -> str:
     """gloo's message without its source path and boilerplate: 'Connection reset by peer', ..."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -88,14 +96,17 @@ class TorchDistAttention(AttentionEndpoint):
 
     def dispatch_launch(self, step, layer, micro_batch, hidden, topk_ids, topk_weights) -> _Dispatch:
         handle = _Dispatch(step, layer, micro_batch, hidden.shape[0])
+        where = f"step {step}, layer {layer}, micro-batch {micro_batch}"
         for e, (idx, payload) in enumerate(dispatch_rows(hidden, topk_ids, topk_weights, self.owner, self.plane.num_expert)):
             n = hidden.shape[0] if idx is None else idx.numel()
             if n:   # post the combine's receive first, so it is there before the answer can be
                 buf = torch.empty(n, self.plane.hidden_size, dtype=self.dtype, device=self.wire)
-                handle.recvs.append((e, idx, buf, dist.irecv(buf, self._peer(e))))
+                handle.recvs.append((e, idx, buf, _post(dist.irecv, buf, self._peer(e),
+                                                        what=f"attention rank {self.rank}: expert rank {e} unreachable ({where})")))
             msg, rest = self.layout.pack(Header(KIND_DATA, step, layer, micro_batch, n), payload, self.wire)
             for t in (msg, *rest):
-                handle.sends.append((dist.isend(t, self._peer(e)), t, e))
+                handle.sends.append((_post(dist.isend, t, self._peer(e),
+                                           what=f"attention rank {self.rank}: expert rank {e} unreachable ({where})"), t, e))
         return handle
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:

@@ -3,8 +3,9 @@
 A real local Ray deployment (tiny Mixtral: one attention rank, one expert rank) behind the gRPC
 server, with transfer_timeout_s 60 and fault_detect_s 2. The expert rank is SIGSTOPped while a
 stream decodes: nothing fails on the data plane for a minute, so only the watchdog can end the
-stream early. Times are printed; the assertion bound (30 s) only separates "the watchdog" from "the
-transfer deadline".
+stream early. Recovery is off here (max_recoveries 0: the stream fails, the server says FAILED);
+tests/chaos shows the default, where the ranks are replaced and the stream resumes. Times are
+printed; the assertion bound (30 s) only separates "the watchdog" from "the transfer deadline".
 """
 
 import os
@@ -27,7 +28,7 @@ FAULT_DETECT_S = 2.0
 def test_a_stopped_expert_rank_is_declared_well_before_the_transfer_deadline(ray_session, tiny_model):
     from shuttle.serve_cmd import _load
     config = EngineConfig(attention_ranks=1, expert_ranks=1, transfer_timeout_s=TRANSFER_TIMEOUT_S,
-                          fault_detect_s=FAULT_DETECT_S)
+                          fault_detect_s=FAULT_DETECT_S, max_recoveries=0)
     engine, model = _load(tiny_model("mixtral"), config, None)
     try:
         server = ServerThread().attach(engine, model)
