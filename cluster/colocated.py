@@ -49,7 +49,9 @@ class ColocatedRanks:
             loop.start()
 
     def _serve(self, rank: ExpertRank) -> None:
-        torch.set_num_threads(self._expert_threads)     # OpenMP's thread count is per calling thread
+        # OpenMP's thread count is one setting for the whole process here (libgomp keeps it global for
+        # threads it did not create), so every rank of the process is given the same count.
+        torch.set_num_threads(self._expert_threads)
         rank.serve()
 
     def step(self, plan: StepPlan) -> StepResult:

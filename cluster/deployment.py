@@ -259,7 +259,7 @@ def node_threads(config: EngineConfig, layout: RankLayout, node: NodeInventory, 
     a, e = layout.attention_nodes.count(node.node_id), layout.expert_nodes.count(node.node_id)
     per_rank = threads.rank_threads(int(node.cpus), a, e, config.micro_batches, config.threads_per_rank)
     full = threads.useful_threads(per_rank, spec.hidden_size, spec.moe_intermediate_size, config.threads_per_rank)
-    small = threads.small_step_threads(layout.device, config.micro_batches, e, config.threads_per_rank)
+    small = threads.small_step_threads(layout.device, config.micro_batches, e, config.threads_per_rank, config.colocate)
     return NodeThreads((min(full, small or full), full), full)
 
 

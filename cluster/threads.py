@@ -50,9 +50,11 @@ def useful_threads(threads: int, hidden_size: int, expert_intermediate: int, thr
     return 1
 
 
-def small_step_threads(device: str, micro_batches: int, expert_ranks: int, threads_per_rank: int = 0) -> int | None:
+def small_step_threads(device: str, micro_batches: int, expert_ranks: int, threads_per_rank: int = 0,
+                       colocated: bool = False) -> int | None:
     """Threads for an attention rank's layers in decode-sized steps, on a node of `device` ("cpu",
-    "cuda") holding `expert_ranks` expert ranks; None: the rank's usual count."""
-    if threads_per_rank or device != "cpu" or micro_batches != 1 or not expert_ranks:
+    "cuda") holding `expert_ranks` expert ranks; None: the rank's usual count. Colocated ranks share
+    one process, where OpenMP's thread count is one setting for every thread: one count for all."""
+    if threads_per_rank or device != "cpu" or micro_batches != 1 or not expert_ranks or colocated:
         return None
     return 1

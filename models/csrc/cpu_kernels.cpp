@@ -16,6 +16,10 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <limits>
 
@@ -249,7 +253,13 @@ void run_units(const float* xp, int64_t K, int64_t P, const std::vector<int64_t>
     }
   }
   if (units.empty()) return;
+  // The calling thread's own OpenMP thread count, not at::get_num_threads(): that one is the last
+  // count any thread of the process set, and a colocated process has ranks on several threads.
+#ifdef _OPENMP
+  const int64_t T = std::min<int64_t>(omp_get_max_threads(), units.size());
+#else
   const int64_t T = std::min<int64_t>(at::get_num_threads(), units.size());
+#endif
   auto bound = [&](int64_t t) {                    // first unit of thread t's share
     return std::lower_bound(cost.begin(), cost.end() - 1, cost.back() * t / T) - cost.begin();
   };

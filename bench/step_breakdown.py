@@ -1,0 +1,153 @@
+"""Where one decode step's time goes, on the compute alone: the colocated ranks in this process.
+
+The attention rank and the expert rank(s) run as `cluster.colocated.ColocatedRanks` (the in-process
+transfer backend, the expert loop on its own thread), driven by the head's Engine without Ray, so
+what is measured is the model's work and the Python around it, not process switches. Each phase is
+timed by wrapping the function that does it; "other" is the step's wall time minus the phases
+(the executor, the chunk and batch building, the head's scheduling and postprocessing).
+
+    .venv/bin/python bench/step_breakdown.py [--batches 1 8 32 64] [--steps 16] [--dtype float32]
+
+Phases: attention (QKV, rotary, paged attention, O: per layer), router, experts (the expert rank's
+grouped FFN, including its sort and sum), transfer (dispatch packing + handing over + combine, as
+the attention rank sees it, minus the expert compute it waited for), dense (norms, residuals,
+embedding), lm_head, sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import attention_node.forward as forward_mod  # noqa: E402
+import attention_node.rank as rank_mod  # noqa: E402
+from bench.decode_bench import build_model, prompts_for  # noqa: E402
+from cluster.colocated import ColocatedRanks  # noqa: E402
+from cluster.threads import rank_threads, small_step_threads, useful_threads  # noqa: E402
+from expert_node.experts import ExpertShard  # noqa: E402
+from models.spec import load_spec  # noqa: E402
+from scheduler.config import EngineConfig, EngineLimits  # noqa: E402
+from scheduler.engine import Engine, InProcessRanks  # noqa: E402
+from scheduler.placement import Placement  # noqa: E402
+from scheduler.request import SamplingParams  # noqa: E402
+
+SECONDS: dict[str, float] = collections.defaultdict(float)
+_LOCK = threading.Lock()
+
+
+def timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _LOCK:
+                SECONDS[name] += time.perf_counter() - t0
+    return wrapper
+
+
+def instrument() -> None:
+    forward_mod.AttentionForward.attention = timed("attention", forward_mod.AttentionForward.attention)
+    forward_mod.route = timed("router", forward_mod.route)
+    forward_mod.AttentionForward.logits = timed("lm_head", forward_mod.AttentionForward.logits)
+    rank_mod.sample = timed("sampler", rank_mod.sample)
+    ExpertShard.forward = timed("experts", ExpertShard.forward)
+
+
+class Colocated(InProcessRanks):
+    def __init__(self, ranks: ColocatedRanks):
+        self.colocated = ranks
+
+    def run_step(self, plans):
+        return [self.colocated.step(plans[0])]
+
+    def shutdown(self):
+        self.colocated.shutdown()
+
+
+def build(model_dir: str, batch: int, prompt_len: int, steps: int, dtype: str) -> Engine:
+    spec = load_spec(model_dir)
+    config = EngineConfig(max_batch_tokens=batch * prompt_len, max_num_seqs=batch, dtype=dtype, colocate=True,
+                          kv_cache_tokens=batch * (prompt_len + steps + 16), max_model_len=1024)
+    limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
+                                 vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
+    cores = os.cpu_count()
+    full = useful_threads(rank_threads(cores, 1, 1, 1), spec.hidden_size, spec.moe_intermediate_size)
+    small = small_step_threads("cpu", 1, 1, colocated=True) or full
+    placement = Placement.contiguous(spec.num_experts, 1)
+    ranks = ColocatedRanks(spec, config, limits, model_dir, "cpu", (min(small, full), full), full,
+                           [placement.experts_of(0)])
+    return Engine(config, limits, Colocated(ranks))
+
+
+def measure(engine: Engine, batch: int, prompt_len: int, steps: int) -> dict:
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True)
+    for p in prompts_for(batch, prompt_len):
+        engine.add_request(p, params)
+    engine.step()                       # prefill
+    engine.step()                       # warm-up decode
+    SECONDS.clear()
+    walls = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t0)
+    while engine.has_work():
+        engine.step()
+    total = sum(walls)
+    per_step = {k: v / steps * 1e3 for k, v in SECONDS.items()}
+    return {"step_ms_median": statistics.median(walls) * 1e3, "step_ms_mean": total / steps * 1e3, "phases_ms": per_step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_breakdown.json"))
+    args = ap.parse_args()
+    model_dir = build_model(args.cache)
+    instrument()
+    rows = []
+    for b in args.batches:
+        engine = build(model_dir, b, args.prompt_len, args.steps, args.dtype)
+        try:
+            r = measure(engine, b, args.prompt_len, args.steps)
+        finally:
+            engine.shutdown()
+        ph = r["phases_ms"]
+        ph["other"] = r["step_ms_mean"] - sum(ph.values())
+        rows.append({"batch": b, **r})
+        print(f"batch {b}: {r['step_ms_median']:.1f} ms/step (mean {r['step_ms_mean']:.1f}): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    print(f"| batch | step ms | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---|" * len(PHASES))
+    for r in rows:
+        print(f"| {r['batch']} | {r['step_ms_median']:.1f} | "
+              + " | ".join(f"{r['phases_ms'].get(p, 0.0):.1f}" for p in PHASES) + " |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "dtype": args.dtype, "rows": rows},
+                  f, indent=1)
+
+
+PHASES = ["attention", "router", "experts", "lm_head", "sampler", "other"]
+
+if __name__ == "__main__":
+    main()
