@@ -89,8 +89,7 @@ def build(model_dir: str, batch: int, prompt_len: int, steps: int, dtype: str) -
     full = useful_threads(rank_threads(cores, 1, 1, 1), spec.hidden_size, spec.moe_intermediate_size)
     small = small_step_threads("cpu", 1, 1, colocated=True) or full
     placement = Placement.contiguous(spec.num_experts, 1)
-    ranks = ColocatedRanks(spec, config, limits, model_dir, "cpu", (min(small, full), full), full,
-                           [placement.experts_of(0)])
+    ranks = ColocatedRanks(spec, config, limits, model_dir, "cpu", (min(small, full), full), [placement.experts_of(0)])
     return Engine(config, limits, Colocated(ranks))
 
 

@@ -5,17 +5,16 @@ a process switch and a trip through the kernel, and the ranks only take turns an
 micro-batch). `ColocatedRanks` builds the same `AttentionRank` and `ExpertRank`s as the
 disaggregated deployment, but connects them through the in-process transfer backend
 (transfer/inprocess.py): dispatch and combine hand tensors over by reference, and each expert rank
-runs its usual serve loop, driven by the messages, on its own thread. The head cannot tell the
-difference: this actor answers the attention rank's calls. Multi-node and multi-GPU deployments keep
-one process per rank.
+computes each message as it is dispatched, on the attention rank's thread (`Hub.serve_inline`): the
+sides take turns anyway, and a thread per expert rank cost a thread switch per layer and, on small
+batches, more time in the experts than the switch itself (measured in docs/performance.md). The
+head cannot tell the difference: this actor answers the attention rank's calls. Multi-node and
+multi-GPU deployments keep one process per rank.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-
-import torch
 
 from attention_node.rank import AttentionRank
 from expert_node.rank import ExpertRank
@@ -28,7 +27,7 @@ from transfer.inprocess import Hub
 
 class ColocatedRanks:
     def __init__(self, spec: ModelSpec, config: EngineConfig, limits: EngineLimits, model_dir: str, device: str,
-                 attention_threads: tuple[int, int] | None, expert_threads: int, experts: list[list[int]]):
+                 attention_threads: tuple[int, int] | None, experts: list[list[int]]):
         """experts[e]: the experts expert rank e owns."""
         if config.attention_ranks != 1:
             raise ValueError("a colocated deployment has one attention rank")
@@ -36,31 +35,20 @@ class ColocatedRanks:
         for e, ids in enumerate(experts):
             for i in ids:
                 owner[i] = e
+        hub = Hub(1, len(experts))
         plane = DataPlane("inprocess", "", 0, 1, tuple(owner), spec.hidden_size, spec.top_k, config.dtype,
-                          config.transfer_timeout_s, local=Hub(1, len(experts)))
+                          config.transfer_timeout_s, local=hub)
         self.expert_ranks = [ExpertRank(e, spec, ids, config.dtype, model_dir, connect(plane, EXPERT, e, device), device)
                              for e, ids in enumerate(experts)]
+        for rank in self.expert_ranks:
+            hub.serve_inline(rank.rank, rank.compute)
         self.worker = AttentionRank(0, spec, config, limits, model_dir, connect(plane, ATTENTION, 0, device), device,
                                     attention_threads)
-        self._expert_threads = expert_threads
-        self._loops = [threading.Thread(target=self._serve, args=(r,), name=f"expert-rank-{r.rank}", daemon=True)
-                       for r in self.expert_ranks]
-        for loop in self._loops:
-            loop.start()
-
-    def _serve(self, rank: ExpertRank) -> None:
-        # OpenMP's thread count is one setting for the whole process here (libgomp keeps it global for
-        # threads it did not create), so every rank of the process is given the same count.
-        torch.set_num_threads(self._expert_threads)
-        rank.serve()
 
     def step(self, plan: StepPlan) -> StepResult:
         return self.worker.step(plan)
 
     def check_health(self) -> dict:
-        dead = [r.rank for r, loop in zip(self.expert_ranks, self._loops) if not loop.is_alive()]
-        if dead:
-            raise RuntimeError(f"expert rank(s) {dead} stopped serving")
         experts = {k: sum(r.stats[k] for r in self.expert_ranks) for k in self.expert_ranks[0].stats}
         return {"rank": 0, "pid": os.getpid(), "kv_cache_bytes": self.worker.cache.nbytes(),
                 "requests": len(self.worker.params), "colocated_expert_ranks": len(self.expert_ranks), **experts}
@@ -72,6 +60,4 @@ class ColocatedRanks:
         return self.worker.tensors_read + [n for r in self.expert_ranks for n in r.tensors_read]
 
     def shutdown(self) -> None:
-        self.worker.close()          # the expert loops end on the shutdown messages
-        for loop in self._loops:
-            loop.join(timeout=30)
+        self.worker.close()

@@ -133,7 +133,7 @@ class RankBlueprint:
         experts = [self.placement.experts_of(e) for e in range(self.config.expert_ranks)]
         actor = (ray.remote(concurrency_groups={HEALTH_GROUP: 1})(ColocatedRanks).options(**self._options(0, 0, node))
                  .remote(self.spec, self.config, self.limits, self.model_dir, self.layout.device,
-                         self.threads[node].attention, self.threads[node].expert, experts))
+                         self.threads[node].attention, experts))
         ranks = RankSet(None, [actor], [], [])
         progress("loading weights (attention and expert ranks in one process)")
         try:

@@ -16,7 +16,7 @@ from expert_node.experts import ExpertShard
 from models.checkpoint import CheckpointReader, torch_dtype
 from models.spec import ModelSpec
 from scheduler.messages import TraceEvent
-from transfer.base import ExpertEndpoint
+from transfer.base import ExpertBatch, ExpertEndpoint
 
 TRACE_EVENTS_KEPT = 200_000
 
@@ -46,26 +46,32 @@ class ExpertRank:
         """Run until every attention rank has shut down, then leave the data plane; returns the counters."""
         try:
             while (batch := self._next()) is not None:
-                t1 = time.perf_counter()
-                t_start = time.time()
-                counts = [h.shape[0] for h in batch.hidden]
-                join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
-                out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
-                                         reverse=batch.micro_batch % 2 == 1)
-                # The span ends when the outputs exist: the combine can land before this process gets to stamp
-                # a time after sending it.
-                t_end = time.time()
-                self.transfer.combine_launch(batch, list(out.split(counts)))
-                self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
-                                             t_start, t_end, sum(counts)))
-                self.stats["micro_batches"] += 1
-                self.stats["tokens"] += sum(counts)
-                self.stats["empty_messages"] += counts.count(0)
-                self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
-                self.stats["compute_s"] += time.perf_counter() - t1
+                self.transfer.combine_launch(batch, self.compute(batch))
         finally:
             self.transfer.close()
         return dict(self.stats)
+
+    @torch.inference_mode()
+    def compute(self, batch: ExpertBatch) -> list[torch.Tensor]:
+        """One (layer, micro-batch): the grouped experts over every attention rank's tokens; returns
+        each attention rank's rows of local weighted sums. `serve` calls it for each message; a
+        transfer backend may call it inline (transfer/inprocess.py)."""
+        t1 = time.perf_counter()
+        t_start = time.time()
+        counts = [h.shape[0] for h in batch.hidden]
+        join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
+        out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
+                                 reverse=batch.micro_batch % 2 == 1)
+        # The span ends when the outputs exist: the combine can land before this process gets to stamp
+        # a time after sending it.
+        self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
+                                     t_start, time.time(), sum(counts)))
+        self.stats["micro_batches"] += 1
+        self.stats["tokens"] += sum(counts)
+        self.stats["empty_messages"] += counts.count(0)
+        self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
+        self.stats["compute_s"] += time.perf_counter() - t1
+        return list(out.split(counts))
 
     def _next(self):
         t0 = time.perf_counter()

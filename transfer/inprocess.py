@@ -12,6 +12,7 @@ TransferError after `timeout_s`; an idle expert rank's wait for the next message
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,11 +22,22 @@ from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, m
 
 
 class Hub:
-    """The queues between A attention ranks and R expert ranks of one process."""
+    """The queues between A attention ranks and R expert ranks of one process.
+
+    `inline[e]`, when set, is expert rank e's compute (ExpertBatch → one output per attention rank),
+    called on the dispatching thread instead of queuing the message for a serving thread: with one
+    attention rank and one micro-batch the sides take turns anyway, and a thread switch per layer
+    costs more than it overlaps."""
 
     def __init__(self, num_attention: int, num_expert: int):
         self.to_expert = [[queue.SimpleQueue() for _ in range(num_attention)] for _ in range(num_expert)]     # [e][a]
         self.to_attention = [[queue.SimpleQueue() for _ in range(num_expert)] for _ in range(num_attention)]  # [a][e]
+        self.inline: list[Callable[[ExpertBatch], list[torch.Tensor]] | None] = [None] * num_expert
+
+    def serve_inline(self, expert_rank: int, compute: Callable[[ExpertBatch], list[torch.Tensor]]) -> None:
+        if len(self.to_attention) != 1:
+            raise ValueError("inline expert ranks need a single attention rank (each dispatch is then a whole message)")
+        self.inline[expert_rank] = compute
 
 
 def connect(plane: DataPlane, role: str, rank: int, device: torch.device) -> AttentionEndpoint | ExpertEndpoint:
@@ -60,7 +72,13 @@ class InProcessAttention(AttentionEndpoint):
             n = hidden.shape[0] if idx is None else idx.numel()
             if n:
                 handle.parts.append((e, idx))
-            self.hub.to_expert[e][self.rank].put((Header(KIND_DATA, step, layer, micro_batch, n), payload))
+            compute = self.hub.inline[e]
+            if compute is None:
+                self.hub.to_expert[e][self.rank].put((Header(KIND_DATA, step, layer, micro_batch, n), payload))
+            elif n:
+                h, ids, w = unpack_payload(payload, self.plane.hidden_size, self.plane.top_k, self.plane.torch_dtype,
+                                           self.device)
+                self.hub.to_attention[self.rank][e].put(compute(ExpertBatch(step, layer, micro_batch, [h], [ids], [w]))[0])
         return handle
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
@@ -73,7 +91,8 @@ class InProcessAttention(AttentionEndpoint):
 
     def close(self) -> None:
         for e in range(self.plane.num_expert):
-            self.hub.to_expert[e][self.rank].put((Header(KIND_SHUTDOWN, 0, 0, 0, 0), []))
+            if self.hub.inline[e] is None:
+                self.hub.to_expert[e][self.rank].put((Header(KIND_SHUTDOWN, 0, 0, 0, 0), []))
 
 
 class InProcessExpert(ExpertEndpoint):

@@ -133,3 +133,27 @@ def test_an_unknown_backend_is_named():
     plane = DataPlane("carrier-pigeon", "", 0, 1, (0,), H, K, "float32", 1.0)
     with pytest.raises(ValueError, match="carrier-pigeon"):
         connect(plane, ATTENTION, 0)
+
+
+def test_in_process_inline_expert_ranks_compute_on_the_dispatching_thread():
+    from transfer.base import ATTENTION, DataPlane, connect
+    from transfer.inprocess import Hub
+    hub = Hub(1, 2)
+    plane = DataPlane("inprocess", "", 0, num_attention=1, owner=tuple(OWNER), hidden_size=H, top_k=K,
+                      dtype="float32", timeout_s=1.0, local=hub)
+    threads = []
+
+    def compute(e):
+        def run(batch):
+            threads.append(threading.get_ident())
+            (x,), (ids,), (w,) = batch.hidden, batch.topk_ids, batch.topk_weights
+            return [x * ((ids + 1) * w * (torch.tensor(OWNER)[ids] == e)).sum(-1, keepdim=True)]
+        return run
+    for e in range(2):
+        hub.serve_inline(e, compute(e))
+    t = connect(plane, ATTENTION, 0)
+    x, ids, w, results = _dispatch_two_layers(t)
+    t.close()
+    for got in results:
+        torch.testing.assert_close(got, x * ((ids + 1) * w).sum(-1, keepdim=True))
+    assert set(threads) == {threading.get_ident()}
