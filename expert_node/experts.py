@@ -9,11 +9,11 @@ routing weights and summed per token (`index_add_`); the attention rank adds the
 partial sums.
 
 Where every expert weight of a layer is packed for Shuttle's CPU panel kernel (models/linear.py), the
-layer's experts run as two grouped calls (`grouped_panel_linear`: every expert's up projection in one
-parallel region, then every down projection) with one SiLU·up over all rows between them, instead of
-a Python loop of ~6 small ops per expert (measurements: docs/performance.md). It relies on the rank's
-malloc settings (cluster/ray_env.py): without them the grouped layer's multi-MB activations
-page-fault on every call.
+whole layer is one kernel call (`moe_ffn`: grouping by expert, every expert's up projection in one
+parallel region, SiLU·up, every down projection, the weighted sum per token), instead of ~20 torch
+ops; elsewhere (GPUs, bfloat16, no compiler) a loop over the experts with torch ops. It relies on the
+rank's malloc settings (cluster/ray_env.py): without them multi-MB activations page-fault on every
+call. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ class ExpertShard:
         `reverse` walks the experts last to first: consecutive micro-batches of one layer alternate
         direction, so the next one starts on the experts whose weights are still in the cache."""
         n, k = topk_ids.shape
+        grouped = self.grouped.get(layer)
+        if grouped and n:               # the whole layer in one kernel call (models/csrc: moe_ffn)
+            kernels, up_panels, down_panels = grouped
+            out, counts = kernels.moe_ffn(hidden.contiguous(), self.local_index[topk_ids], topk_weights.float().contiguous(),
+                                          up_panels, down_panels, reverse)
+            self.last_counts = counts.tolist()
+            return out
         out = torch.zeros_like(hidden)
         if n == 0:
             self.last_counts = []
@@ -74,18 +81,9 @@ class ExpertShard:
         counts = torch.bincount(experts, minlength=len(self.experts)).tolist()
         self.last_counts = counts
         x = hidden[tokens]                                               # [p, H]
-        grouped = self.grouped.get(layer)
-        y = self._grouped_ffn(x, counts, grouped, reverse) if grouped else self._looped_ffn(layer, x, counts, reverse)
+        y = self._looped_ffn(layer, x, counts, reverse)
         y *= topk_weights.flatten()[pairs].to(y.dtype)[:, None]
         return out.index_add_(0, tokens, y)
-
-    @staticmethod
-    def _grouped_ffn(x: torch.Tensor, counts: list[int], grouped, reverse: bool) -> torch.Tensor:
-        """Every expert's FFN on its rows of x (grouped by expert) in two kernel calls → [p, H]."""
-        kernels, up_panels, down_panels = grouped
-        h = kernels.grouped_panel_linear(x, counts, up_panels, reverse)               # [p, 2I]
-        inter = h.shape[1] // 2
-        return kernels.grouped_panel_linear(F.silu(h[:, :inter]) * h[:, inter:], counts, down_panels, reverse)
 
     def _looped_ffn(self, layer: int, x: torch.Tensor, counts: list[int], reverse: bool) -> torch.Tensor:
         """The same, one expert at a time (weights the panel kernel does not hold) → [p, H]."""

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -21,6 +22,9 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
 #include <limits>
 
 namespace {
@@ -314,6 +318,95 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
   return y;
 }
 
+// A whole expert layer of one expert rank, in one call (decode-sized batches pay ~20 torch op
+// dispatches per layer otherwise). Legend: n tokens, k experts per token, H hidden, I expert width,
+// X local experts, p (token, local expert) pairs.
+// x [n, H]; local [n, k] int64: each pair's local expert, -1 where the expert lives elsewhere;
+// weights [n, k] float32 routing weights; up X × panels of [2I, H] (gate rows, then up rows), down
+// X × panels of [H, I]. Pairs are grouped by local expert (stable: token order within an expert),
+// each expert runs its rows (up, SiLU(gate)·up, down), and each token's rows are summed, weighted,
+// in that order: the sums of ExpertShard's torch path. Returns (out [n, H], counts [X] as int64).
+std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
+                                           std::vector<at::Tensor> down, bool reverse) {
+  check_rows(x, "moe_ffn");
+  const int64_t n = x.size(0), H = x.size(1), X = up.size();
+  TORCH_CHECK(X > 0 && down.size() == up.size(), "moe_ffn: one up and one down weight per local expert");
+  TORCH_CHECK(local.dim() == 2 && local.size(0) == n && local.scalar_type() == at::kLong && local.is_contiguous() &&
+              local.device().is_cpu(), "moe_ffn: expected local expert ids [n, k] int64 on the CPU");
+  const int64_t k = local.size(1);
+  TORCH_CHECK(weights.sizes() == local.sizes() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+              weights.device().is_cpu(), "moe_ffn: expected routing weights [n, k] float32 like the ids");
+  check_panels(up[0], H, "moe_ffn (up)");
+  const int64_t P_up = up[0].size(0), I = P_up * 4;
+  check_panels(down[0], I, "moe_ffn (down)");
+  TORCH_CHECK(down[0].size(0) * 8 == H, "moe_ffn: down projections give ", down[0].size(0) * 8, " outputs, not H = ", H);
+  std::vector<const float*> up_w(X), down_w(X);
+  for (int64_t e = 0; e < X; ++e) {
+    check_panels(up[e], H, "moe_ffn (up)");
+    check_panels(down[e], I, "moe_ffn (down)");
+    TORCH_CHECK(up[e].size(0) == P_up && down[e].size(0) * 8 == H, "moe_ffn: expert ", e, " has other shapes than expert 0");
+    up_w[e] = up[e].data_ptr<float>();
+    down_w[e] = down[e].data_ptr<float>();
+  }
+  const int64_t* ids = local.data_ptr<int64_t>();
+  auto counts_t = at::zeros({X}, local.options());
+  int64_t* counts = counts_t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n * k; ++i) {
+    TORCH_CHECK(ids[i] < X, "moe_ffn: local expert id ", ids[i], " out of range for ", X, " experts");
+    if (ids[i] >= 0) ++counts[ids[i]];
+  }
+  std::vector<int64_t> first(X + 1, 0);
+  for (int64_t e = 0; e < X; ++e) first[e + 1] = first[e] + counts[e];
+  const int64_t p = first[X];
+  std::vector<int64_t> pair_of_row(p);                      // row → pair index (token · k + slot)
+  {
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t i = 0; i < n * k; ++i)
+      if (ids[i] >= 0) pair_of_row[next[ids[i]]++] = i;
+  }
+  auto out = at::zeros({n, H}, x.options());
+  if (p == 0) return {out, counts_t};
+  const float* xp = x.data_ptr<float>();
+  auto xs = at::empty({p, H}, x.options());
+  float* xsp = xs.data_ptr<float>();
+  at::parallel_for(0, p, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) std::copy(xp + (pair_of_row[r] / k) * H, xp + (pair_of_row[r] / k + 1) * H, xsp + r * H);
+  });
+  std::vector<int64_t> cnt(counts, counts + X);
+  auto h = at::empty({p, 2 * I}, x.options());
+  run_units(xsp, H, P_up, cnt, up_w, reverse, h.data_ptr<float>());
+  auto a = at::empty({p, I}, x.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  at::parallel_for(0, p, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* g = hp + r * 2 * I;
+      for (int64_t i = 0; i < I; ++i) ap[r * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i];
+    }
+  });
+  auto y = at::empty({p, H}, x.options());
+  run_units(ap, I, H / 8, cnt, down_w, reverse, y.data_ptr<float>());
+  // Each token's rows, in row order (expert order), weighted and summed into its output row.
+  std::vector<int64_t> rows_of(n * k, -1);
+  std::vector<int64_t> filled(n, 0);
+  for (int64_t r = 0; r < p; ++r) {
+    const int64_t t = pair_of_row[r] / k;
+    rows_of[t * k + filled[t]++] = r;
+  }
+  const float* yp = y.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t j = 0; j < filled[t]; ++j) {
+        const int64_t r = rows_of[t * k + j];
+        const float w = wp[pair_of_row[r]];
+        for (int64_t c = 0; c < H; ++c) op[t * H + c] += yp[r * H + c] * w;
+      }
+  });
+  return {out, counts_t};
+}
+
 #else  // no AVX2/FMA: Linear keeps oneDNN (models/linear.py asks has_panel_linear first)
 
 bool has_panel_linear() { return false; }
@@ -328,6 +421,12 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t>, std::vector<
   return x;
 }
 
+std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                                           std::vector<at::Tensor>, bool) {
+  TORCH_CHECK(false, "moe_ffn: this build has no AVX2/FMA");
+  return {x, x};
+}
+
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -335,5 +434,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x · Wᵀ for a weight packed into [N/8, K, 8] panels (CPU, float32)");
   m.def("grouped_panel_linear", &grouped_panel_linear,
         "row blocks of x times their own panel-packed weights, all in one parallel region (CPU, float32)");
+  m.def("moe_ffn", &moe_ffn, "one expert rank's whole expert layer: group by expert, up, SiLU·up, down, weighted sum "
+        "per token (CPU, float32)");
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
 }

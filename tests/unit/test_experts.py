@@ -46,8 +46,9 @@ def test_all_experts_on_one_rank_match_dense(n, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("n", [0, 1, 5, 40, 300])
 def test_grouped_kernel_matches_dense(n, reverse):
-    """Experts big enough for the panel kernel run as two grouped calls; some experts get no rows, some
-    up to 8 (single panels), some more (panel pairs, 6-row tiles); a 3-expert shard leaves tokens out."""
+    """Experts big enough for the panel kernel run as one fused layer call (moe_ffn); some experts get no
+    rows, some up to 8 (single panels), some more (panel pairs, 6-row tiles); a 3-expert shard leaves
+    tokens out; the routing counts per expert are reported."""
     h, i = 256, 264                      # 2I x H and H x I both >= 2^16 elements; I / 8 = 33 panels (odd)
     w13, w2 = weights(h=h, i=i)
     x, ids, w = routing(n, only=[0, 1, 2, 5] if n == 40 else None, h=h)
@@ -57,6 +58,22 @@ def test_grouped_kernel_matches_dense(n, reverse):
         got = shard.forward(0, x, ids, w, reverse=reverse)
         mask = torch.isin(ids, torch.tensor(experts))
         torch.testing.assert_close(got, dense_moe_reference(x, ids, w * mask, w13, w2), rtol=1e-4, atol=1e-4)
+        if n:
+            assert shard.last_counts == [int((ids == e).sum()) for e in experts]
+
+
+def test_fused_layer_refuses_bad_inputs_by_name():
+    h, i = 256, 264
+    w13, w2 = weights(h=h, i=i)
+    shard = shard_of(list(range(E)), w13, w2, h, i)
+    kernels, up, down = shard.grouped[0]
+    x, ids, w = routing(4, h=h)
+    with pytest.raises(RuntimeError, match="moe_ffn: expected local expert ids"):
+        kernels.moe_ffn(x, ids.int(), w, up, down, False)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.moe_ffn(x, torch.full_like(ids, E), w, up, down, False)
+    with pytest.raises(RuntimeError, match="one up and one down weight"):
+        kernels.moe_ffn(x, ids, w, up, down[:-1], False)
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 8])
