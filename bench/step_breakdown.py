@@ -120,7 +120,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_breakdown.json"))
+    ap.add_argument("--label", default="", help="a name for this result in plots")
+    ap.add_argument("--plot", nargs="+", metavar="RESULT.json",
+                    help="draw saved results side by side (stacked bars per batch) into --png instead of measuring")
+    ap.add_argument("--png", default=os.path.join(ROOT, "docs", "step_breakdown.png"))
     args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return
     model_dir = build_model(args.cache)
     instrument()
     rows = []
@@ -135,18 +142,51 @@ def main() -> None:
         rows.append({"batch": b, **r})
         print(f"batch {b}: {r['step_ms_median']:.1f} ms/step (mean {r['step_ms_mean']:.1f}): "
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])), file=sys.stderr)
-    print(f"| batch | step ms | " + " | ".join(PHASES) + " |")
+    print("| batch | step ms | " + " | ".join(PHASES) + " |")
     print("|---|---|" + "---|" * len(PHASES))
     for r in rows:
         print(f"| {r['batch']} | {r['step_ms_median']:.1f} | "
               + " | ".join(f"{r['phases_ms'].get(p, 0.0):.1f}" for p in PHASES) + " |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "dtype": args.dtype, "rows": rows},
-                  f, indent=1)
+        json.dump({"machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "dtype": args.dtype, "rows": rows,
+                   "label": args.label}, f, indent=1)
 
 
 PHASES = ["attention", "router", "experts", "lm_head", "sampler", "other"]
+
+
+def plot(results: list[str], png: str) -> None:
+    """Stacked bars of each phase's ms per decode step: one bar per (batch, result file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = []
+    for path in results:
+        with open(path) as f:
+            runs.append((json.load(f).get("label", os.path.basename(path)), json.load(open(path))["rows"]))
+    batches = [r["batch"] for r in runs[0][1]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(runs)
+    colors = dict(zip(PHASES, plt.cm.tab10.colors))
+    for k, (label, rows) in enumerate(runs):
+        by_batch = {r["batch"]: r["phases_ms"] for r in rows}
+        for i, b in enumerate(batches):
+            bottom = 0.0
+            for ph in PHASES:
+                v = by_batch[b].get(ph, 0.0)
+                ax.bar(i + (k - (len(runs) - 1) / 2) * width, v, width * 0.95, bottom=bottom, color=colors[ph],
+                       label=ph if (k, i) == (0, 0) else None, alpha=1.0 if k == len(runs) - 1 else 0.55)
+                bottom += v
+            ax.text(i + (k - (len(runs) - 1) / 2) * width, bottom + 1, label, ha="center", fontsize=8)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms per decode step")
+    ax.set_ylim(0, 1.15 * max(sum(r["phases_ms"].values()) for _, rows in runs for r in rows))
+    ax.set_title("Where a decode step goes (bench model, fp32, 2 cores; colocated ranks, compute only)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

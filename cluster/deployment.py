@@ -12,8 +12,10 @@ the actors, removes the placement groups and, if it started Ray, stops it: nothi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -162,8 +164,17 @@ class Deployment(RankGroup):
         ranks = self._ranks
         for f in faults:
             group = ranks.attention if f.kind == "attention" else ranks.experts
-            if 0 <= f.rank < len(group):
-                ray.kill(group[f.rank])
+            if not 0 <= f.rank < len(group) or f.epoch not in (-1, ranks.epoch):
+                continue              # out of range, or found in a set that has been replaced since
+            ray.kill(group[f.rank])
+            # Ray's kill asks politely first (SIGTERM, SIGKILL 5 s later), which a stopped process cannot
+            # answer; where every rank runs on this machine, end it at once.
+            index = f.rank if f.kind == "attention" else len(ranks.attention) + f.rank
+            if len(self.nodes) == 1 and index < len(ranks.pids):
+                try:
+                    os.kill(ranks.pids[index], signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def shutdown(self) -> None:
         if self._closed:
@@ -208,7 +219,7 @@ class Deployment(RankGroup):
         ended, _ = ray.wait(ranks.serve_refs, num_returns=len(ranks.serve_refs), timeout=0) if ranks.serve_refs else ([], [])
         faults += [FaultyRank("expert", i, FaultyRank.STOPPED_SERVING, "its serve loop ended")
                    for i, ref in enumerate(ranks.serve_refs) if ref in ended and ("expert", i) not in named]
-        return faults
+        return [dataclasses.replace(f, epoch=ranks.epoch) for f in faults]
 
     # ---- inspection ----------------------------------------------------------------------
     def expert_trace(self, since: float = 0.0) -> list:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch.distributed as dist
@@ -69,6 +69,8 @@ class RankSet:
     attention: list
     experts: list
     serve_refs: list              # the expert loops (end when every attention rank has shut down)
+    pids: list = field(default_factory=list)   # attention ranks' then expert ranks' process ids
+    epoch: int = 0                # 0 at start, +1 for each set that replaced a lost one
 
     def names(self) -> list[str]:
         return ([f"attention rank {i}" for i in range(len(self.attention))]
@@ -104,7 +106,7 @@ class RankBlueprint:
     def spawn(self, progress=lambda msg: None, epoch: int = 0) -> RankSet:
         cfg, layout = self.config, self.layout
         if cfg.colocate:
-            return self._spawn_colocated(progress)
+            return self._spawn_colocated(progress, epoch)
         progress(f"opening the data plane ({layout.backend}, rendezvous {self.host}, epoch {epoch})")
         store = dist.TCPStore(self.host, 0, world_size=None, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=120))
@@ -118,29 +120,31 @@ class RankBlueprint:
                    .remote(i, self.spec, self.placement.experts_of(i), cfg, self.model_dir, dev, self.threads[n].expert,
                            plane)
                    for i, n in enumerate(layout.expert_nodes)]
-        ranks = RankSet(store, attention, experts, [])
+        ranks = RankSet(store, attention, experts, [], epoch=epoch)
         progress("joining the data plane and loading weights")
         try:
-            _get([a.check_health.remote() for a in attention + experts], 600, "load weights", ranks.names())
+            health = _get([a.check_health.remote() for a in attention + experts], 600, "load weights", ranks.names())
         except BaseException:
             ranks.kill()
             raise
+        ranks.pids = [h["pid"] for h in health]
         ranks.serve_refs = [e.serve.remote() for e in experts]
         return ranks
 
-    def _spawn_colocated(self, progress) -> RankSet:
+    def _spawn_colocated(self, progress, epoch: int) -> RankSet:
         node = self.layout.attention_nodes[0]
         experts = [self.placement.experts_of(e) for e in range(self.config.expert_ranks)]
         actor = (ray.remote(concurrency_groups={HEALTH_GROUP: 1})(ColocatedRanks).options(**self._options(0, 0, node))
                  .remote(self.spec, self.config, self.limits, self.model_dir, self.layout.device,
                          self.threads[node].attention, experts))
-        ranks = RankSet(None, [actor], [], [])
+        ranks = RankSet(None, [actor], [], [], epoch=epoch)
         progress("loading weights (attention and expert ranks in one process)")
         try:
-            _get([actor.check_health.remote()], 600, "load weights", ["the colocated ranks"])
+            health = _get([actor.check_health.remote()], 600, "load weights", ["the colocated ranks"])
         except BaseException:
             ranks.kill()
             raise
+        ranks.pids = [h["pid"] for h in health]
         return ranks
 
     def _options(self, side: int, i: int, node_id: str, **extra) -> dict:

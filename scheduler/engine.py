@@ -48,6 +48,7 @@ class FaultyRank:
     rank: int
     cause: str       # DEAD | NOT_ANSWERING | STOPPED_SERVING
     detail: str = ""   # what Ray said: for the server log (may name hosts and pids), never for clients
+    epoch: int = -1    # the rank set it was found in (a fault of a replaced set must not fence the new one)
 
     def __str__(self) -> str:
         return f"{self.kind} rank {self.rank} {self.cause}"

@@ -365,10 +365,12 @@ class AsyncEngine:
                 return
             if not self._stepping or time.monotonic() - self._step_started < period:
                 continue
-            ended = self._steps_ended
+            ended, recoveries = self._steps_ended, self._recoveries
             faults = self._probe()
             if self._steps_ended != ended:      # the step ended meanwhile: a silent rank was only slow
                 faults = [f for f in faults if f.cause != FaultyRank.NOT_ANSWERING]
+            if self._recovering or self._recoveries != recoveries:
+                faults = []                     # found in a rank set that is being (or has been) replaced
             if faults and self._steps_ended != self._fenced_at:
                 self._on_fault(faults)
                 if self._error is not None:

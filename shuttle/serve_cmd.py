@@ -8,7 +8,11 @@
 With no --model, `serve` uses the embedded demo model (the trained `models/shipped/shuttle-moe-tiny`).
 The port is bound first, with health NOT_SERVING while the weights load; SIGTERM or Ctrl-C drains
 (health NOT_SERVING, new calls refused, in-flight requests finish within --drain-grace-s, the rest
-are cancelled) and exits 0.
+are cancelled) and exits 0. While loading, SIGTERM or Ctrl-C abandons the load and exits 0 at once:
+the loading thread is blocked in Ray calls and cannot be interrupted, so the process ends with
+`os._exit`, and what the load started goes with it: the private Ray's processes through its reaper
+(cluster/ray_env.py: the same mechanism that cleans up after a SIGKILL), a joined cluster's actors
+and placement groups through Ray's own clean-up of a dead driver's job.
 """
 
 from __future__ import annotations
@@ -70,7 +74,32 @@ def serve(args: argparse.Namespace) -> int:
     options = ServerOptions(host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
                             auth_token=args.auth_token or None, drain_grace_s=args.drain_grace_s,
                             tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
-    return asyncio.run(_serve(args, options))
+    _exit_on_signal(0)      # until the event loop takes the signals over: nothing has started yet
+    code = 1
+    try:
+        code = asyncio.run(_serve(args, options))
+        return code
+    finally:
+        _exit_on_signal(code)   # the loop is gone (its handlers with it); everything is stopped
+
+
+def _exit_on_signal(code: int) -> None:
+    """SIGTERM / SIGINT end the process at once with `code` (outside the event loop's lifetime)."""
+    def handler(signum, frame):
+        _exit(code, f"{signal.Signals(signum).name} received: exiting")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _exit(code: int, msg: str) -> None:
+    """Say `msg`, flush, and end the process now: no interpreter shutdown (no thread joins, no atexit)."""
+    _say(msg)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -88,7 +117,6 @@ async def _serve(args: argparse.Namespace, options) -> int:
     from serving.server import Server
     from shuttle.cli import engine_config
     from shuttle.plan_file import load_plan_values
-    from shuttle.run_cmd import resolve_model
 
     config = engine_config(args, load_plan_values(args.plan) if args.plan else None)
     loop = asyncio.get_running_loop()
@@ -104,13 +132,25 @@ async def _serve(args: argparse.Namespace, options) -> int:
     scheme = "tls" if options.tls_cert else "plaintext"
     _say(f"listening on {options.host}:{port} ({scheme}{', bearer token required' if options.auth_token else ''}); health NOT_SERVING until the model is loaded")
     t0 = time.monotonic()
+    load = loop.run_in_executor(None, _resolve_and_load, args.model, config, args.address)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not load.done():
+        # A signal while loading: abandon the load (see the module docstring). Health is already
+        # NOT_SERVING and generation calls refused; stop answering, then end the process.
+        try:
+            await asyncio.wait_for(server.drain(grace_s=0), 3.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+        _exit(0, f"stop requested while loading: load abandoned after {time.monotonic() - t0:.1f}s; "
+                 "stopping what it started")
+    stopped.cancel()
     try:
-        model_dir = await loop.run_in_executor(None, resolve_model, args.model)
-        engine, model = await loop.run_in_executor(None, _load, model_dir, config, args.address)
+        engine, model = load.result()
     except BaseException:
         await server.drain(grace_s=0)   # no engine yet: just stops the server
         raise
-    handle_signals()  # again: starting Ray installs its own SIGTERM handler, which aborts the process
+    handle_signals()  # again: Ray's core worker installs its own SIGTERM handler (it logs a stack trace, then chains)
     await server.attach(engine, model)
     _say(f"serving {model.name} ({model.family}, {config.attention_ranks} attention + {config.expert_ranks} expert ranks, "
          f"{config.micro_batches} micro-batches) after {time.monotonic() - t0:.1f}s; health SERVING")
@@ -129,6 +169,14 @@ async def _serve(args: argparse.Namespace, options) -> int:
     await server.drain()
     _say("stopped")
     return 0
+
+
+def _resolve_and_load(model: str | None, config, address: str | None):
+    """Find the model (the embedded one may be generated), then `_load` it (blocking: a worker thread)."""
+    from shuttle.run_cmd import resolve_model
+    model_dir = resolve_model(model)
+    _say(f"loading {model_dir}: " + (f"joining the Ray cluster at {address}" if address else "starting a private Ray"))
+    return _load(model_dir, config, address)
 
 
 def _load(model_dir: str, config, address: str | None):

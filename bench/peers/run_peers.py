@@ -279,7 +279,7 @@ def main() -> None:
     batches = [1] if args.ttft else [int(b) for b in args.batches.split(",")]
     threshold = args.load_threshold if args.load_threshold is not None else args.threads + 0.8 * cores
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or os.path.join(REPO, "bench", "results", f"peers-{mode}-{args.dtype}-{stamp}.json")
+    out = os.path.abspath(args.out) if args.out else os.path.join(REPO, "bench", "results", f"peers-{mode}-{args.dtype}-{stamp}.json")
     base = out[:-5] if out.endswith(".json") else out
     os.makedirs(base + ".logs", exist_ok=True)
 

@@ -32,7 +32,9 @@ def config_for(job: dict):
     for name, value in list(fields.items()):
         if name not in types:
             raise ValueError(f"--shuttle-opt {name}: not an EngineConfig field ({', '.join(types)})")
-        if isinstance(value, str) and types[name] in ("int", "float", int, float):
+        if isinstance(value, str) and types[name] in ("bool", bool):
+            fields[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(value, str) and types[name] in ("int", "float", int, float):
             fields[name] = (int if types[name] in ("int", int) else float)(value)
     return EngineConfig(**fields)
 
