@@ -11,6 +11,7 @@ import uuid
 import psutil
 
 from tiny_models import hf_generate
+from processes import cmdline, still_running
 
 PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], [42]]
 
@@ -38,7 +39,7 @@ def shuttle_tracked(*args, timeout=240):
             while proc.poll() is None:
                 try:
                     for child in root.children(recursive=True):   # (a Ray worker retitles itself)
-                        started[child] = " ".join(_cmdline(child)) or started.get(child, "")
+                        started[child] = " ".join(cmdline(child)) or started.get(child, "")
                 except psutil.Error:       # it is exiting
                     pass
                 if time.monotonic() > deadline:
@@ -51,37 +52,12 @@ def shuttle_tracked(*args, timeout=240):
         for p in psutil.process_iter():
             try:
                 if p.environ().get(RUN_MARKER) == marker and p not in started:
-                    started[p] = " ".join(_cmdline(p))
+                    started[p] = " ".join(cmdline(p))
             except psutil.Error:
                 pass
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), started
-
-
-def still_running(procs: dict[psutil.Process, str], within_s: float) -> list[str]:
-    """Polls until none of `procs` runs (a zombie, its exit not yet collected, runs nothing), for at
-    most `within_s`; returns those still running then."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [p for p in procs if _running(p)]
-        if not alive or time.monotonic() > deadline:
-            return [f"{p.pid} {procs[p][:120]}" for p in alive]
-        time.sleep(0.2)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:                          # is_running() also tells a reused pid from the process itself
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
 
 def test_run_prints_hf_greedy_tokens_and_leaves_nothing_running(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from cluster.deployment import Deployment, DeploymentError
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.request import SamplingParams
+from processes import still_running
 
 TIMEOUT_S = 5.0          # transfer_timeout_s: the deadline of every wait on a peer
 STEP_TIMEOUT_S = 120.0   # the head's own deadline for a whole step, which a dead peer must never come to
@@ -57,30 +58,7 @@ def test_killed_expert_rank_fails_the_step_with_a_clear_error(ray_session, tiny_
         dep.shutdown()                            # must not hang on the dead peer either
         shutdown_s = time.monotonic() - t0
     assert shutdown_s < SHUTDOWN_BOUND_S, f"shutdown took {shutdown_s:.1f}s"
-    alive = _still_running(ranks, GONE_WITHIN_S)
+    alive = still_running(ranks, GONE_WITHIN_S)
     assert not alive, f"rank processes still running {GONE_WITHIN_S:g}s after shutdown: {alive}"
 
 
-def _still_running(procs: list[psutil.Process], within_s: float) -> list[str]:
-    """Polls until none of `procs` runs (a zombie, its exit not yet collected by its parent, runs
-    nothing), for at most `within_s`; returns those still running then."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [p for p in procs if _running(p)]
-        if not alive or time.monotonic() > deadline:
-            return [f"{p.pid} {' '.join(_cmdline(p))[:120]}" for p in alive]
-        time.sleep(0.2)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:                          # is_running() also tells a reused pid from the process itself
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
