@@ -40,7 +40,8 @@ from grpc_reflection.v1alpha import reflection
 from scheduler.engine import Engine, FaultyRank
 from scheduler.request import FinishReason, InvalidRequest
 from scheduler.scheduler import QueueFull
-from serving.async_engine import AsyncEngine, EngineStopped, RequestStream
+from serving.async_engine import AsyncEngine
+from serving.streams import EngineStopped, RequestStream
 from serving.detokenize import IncrementalDetokenizer, StopStrings
 from serving.v1 import generation_pb2 as pb
 from serving.wire import (check_wire, parse_generate_request, parse_request, request_id_of, to_engine_request,

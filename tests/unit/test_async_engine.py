@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from serving.async_engine import ENGINE_FAILED, AsyncEngine, EngineStopped
+from serving.async_engine import AsyncEngine
+from serving.streams import ENGINE_FAILED, EngineStopped
 from scheduler.request import FinishReason, InvalidRequest, SamplingParams
 from scheduler.scheduler import QueueFull
 from serving_fakes import expected_tokens, fake_engine

@@ -9,7 +9,8 @@ import pytest
 
 from scheduler.engine import FaultyRank
 from scheduler.request import SamplingParams
-from serving.async_engine import LOST_RANK, AsyncEngine, EngineStopped
+from serving.async_engine import AsyncEngine
+from serving.streams import LOST_RANK, EngineStopped
 from serving_fakes import fake_engine
 
 DETECT_S = 0.4
