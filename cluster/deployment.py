@@ -29,7 +29,7 @@ from cluster import threads
 from cluster.inventory import NodeInventory, gather_inventory, local_gpus, node_from_ray
 from cluster.ray_env import local_ray_env, start_ray
 from cluster.reach import ReachProbe
-from cluster.rank_set import DeploymentError, RankBlueprint, RankSet, _get
+from cluster.rank_set import DeploymentError, RankBlueprint, RankSet, gather
 from cluster.roles import PlacementError, RankLayout, plan_layout
 from models.spec import ModelSpec, load_spec
 from scheduler.config import EngineConfig, EngineLimits
@@ -144,7 +144,7 @@ class Deployment(RankGroup):
 
     def collect(self, handle: tuple[int, list]) -> list[StepResult]:
         step, refs = handle
-        return _get(refs, self.config.step_timeout_s, f"step {step}", names=[f"attention rank {i}" for i in range(len(refs))])
+        return gather(refs, self.config.step_timeout_s, f"step {step}", names=[f"attention rank {i}" for i in range(len(refs))])
 
     def recover(self, progress=lambda msg: None) -> None:
         """Replace the ranks after a fault: every rank actor of this epoch is killed (a dead or stalled
@@ -224,11 +224,11 @@ class Deployment(RankGroup):
     # ---- inspection ----------------------------------------------------------------------
     def expert_trace(self, since: float = 0.0) -> list:
         """Expert-rank TraceEvents that started at or after `since` (wall clock)."""
-        per_rank = _get([e.trace_events.remote(since) for e in self.experts], 30, "expert trace")
+        per_rank = gather([e.trace_events.remote(since) for e in self.experts], 30, "expert trace")
         return [event for events in per_rank for event in events]
 
     def health(self) -> list[dict]:
-        return _get([a.check_health.remote() for a in self.attention + self.experts], 30, "health check")
+        return gather([a.check_health.remote() for a in self.attention + self.experts], 30, "health check")
 
 
 def _first_line(error: Exception) -> str:
@@ -301,11 +301,11 @@ def _check_reach(layout: RankLayout, by_id: dict, host: str, timeout_s: float) -
     agents = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False))
               .remote(by_id[i].route_source) for i in used]
     try:
-        where = _get([a.address.remote() for a in agents], 60, "reachability probe",
+        where = gather([a.address.remote() for a in agents], 60, "reachability probe",
                      [f"node {by_id[i].address}" for i in used])
         targets = [(f"the rendezvous host {host}", *driver.address())]
         targets += [(f"node {by_id[i].address} ({_ranks_on(layout, i)})", ip, port) for i, (ip, port) in zip(used, where)]
-        results = _get([a.reach.remote([t for t in targets if t[1:] != tuple(w)], timeout_s) for a, w in zip(agents, where)],
+        results = gather([a.reach.remote([t for t in targets if t[1:] != tuple(w)], timeout_s) for a, w in zip(agents, where)],
                        60 + timeout_s * len(targets), "reachability probe", [f"node {by_id[i].address}" for i in used])
     finally:
         for a in agents:

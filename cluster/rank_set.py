@@ -35,9 +35,7 @@ class DeploymentError(RankFault):
     """A rank failed or did not answer; the message names which and why."""
 
 
-
-
-def _get(refs, timeout_s: float, what: str, names: list[str] | None = None):
+def gather(refs, timeout_s: float, what: str, names: list[str] | None = None):
     """ray.get with a deadline, in completion order, so the first rank to fail is the one named (not a
     peer left waiting on it); failures carry the rank's own error text."""
     names = names or [f"rank {i}" for i in range(len(refs))]
@@ -83,8 +81,8 @@ class RankSet:
     def stop(self) -> None:
         """Orderly end (shutdown headers, expert loops return), then kill whatever is left."""
         try:
-            _get([a.shutdown.remote() for a in self.attention], 30, "shutdown")
-            _get(self.serve_refs, 30, "expert loops ending")
+            gather([a.shutdown.remote() for a in self.attention], 30, "shutdown")
+            gather(self.serve_refs, 30, "expert loops ending")
         except DeploymentError as e:
             log.warning("unclean shutdown (ranks are killed anyway): %s", e)
         self.kill()
@@ -123,7 +121,7 @@ class RankBlueprint:
         ranks = RankSet(store, attention, experts, [], epoch=epoch)
         progress("joining the data plane and loading weights")
         try:
-            health = _get([a.check_health.remote() for a in attention + experts], 600, "load weights", ranks.names())
+            health = gather([a.check_health.remote() for a in attention + experts], 600, "load weights", ranks.names())
         except BaseException:
             ranks.kill()
             raise
@@ -140,7 +138,7 @@ class RankBlueprint:
         ranks = RankSet(None, [actor], [], [], epoch=epoch)
         progress("loading weights (attention and expert ranks in one process)")
         try:
-            health = _get([actor.check_health.remote()], 600, "load weights", ["the colocated ranks"])
+            health = gather([actor.check_health.remote()], 600, "load weights", ["the colocated ranks"])
         except BaseException:
             ranks.kill()
             raise
