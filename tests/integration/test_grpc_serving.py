@@ -26,7 +26,6 @@ MAX_TOKENS = [6 + i % 7 for i in range(len(TEXTS))]
 
 @pytest.fixture(scope="module")
 def served():
-    from cluster.deployment import build_engine
     from shuttle.serve_cmd import _load
     from models.embedded import default_model_dir
 

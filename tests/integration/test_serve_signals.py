@@ -9,7 +9,6 @@ Every process the server starts is tracked while it runs: psutil, the server's d
 never any other process on the machine. After the server is gone they must all be gone too.
 """
 
-import os
 import re
 import signal
 import subprocess
