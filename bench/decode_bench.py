@@ -39,7 +39,10 @@ from scheduler.engine import Engine  # noqa: E402
 from scheduler.request import SamplingParams  # noqa: E402
 
 
-def build_model(path: str) -> str:
+BENCH_MODEL_DIR = os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16")   # built once, shared by the benchmarks
+
+
+def build_model(path: str = BENCH_MODEL_DIR) -> str:
     return build_random_mixtral(path, vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=16,
                                 num_experts_per_tok=2, max_position_embeddings=4096)
@@ -142,7 +145,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+    ap.add_argument("--cache", default=BENCH_MODEL_DIR)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "decode.json"))
     args = ap.parse_args()
     model_dir = build_model(args.cache)

@@ -168,7 +168,7 @@ def main() -> int:
         if args.model:
             p.error("--bench-model and --model are exclusive")
         from bench.decode_bench import build_model
-        args.model = build_model(os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+        args.model = build_model()
     model_dir = resolve_model(args.model)
     spec = load_spec(model_dir)
     trace = make_trace(args.requests, spec.vocab_size, set(spec.eos_token_ids), tuple(args.prompt_len), tuple(args.output_len), args.seed)

@@ -359,7 +359,7 @@ def main() -> int:
         if args.model:
             p.error("--bench-model and --model are exclusive")
         from bench.decode_bench import build_model
-        args.model = build_model(os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+        args.model = build_model()
     model_dir = args.model or small_model()
     spec = load_spec(model_dir)
     serve_flags = ["--attention-ranks", "1", "--expert-ranks", "2", *serve_flags]   # later flags win

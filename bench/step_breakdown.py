@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 import attention_node.forward as forward_mod  # noqa: E402
 import attention_node.rank as rank_mod  # noqa: E402
-from bench.decode_bench import build_model, prompts_for  # noqa: E402
+from bench.decode_bench import BENCH_MODEL_DIR, build_model, prompts_for  # noqa: E402
 from cluster.colocated import ColocatedRanks  # noqa: E402
 from cluster.threads import rank_threads, small_step_threads, useful_threads  # noqa: E402
 from expert_node.experts import ExpertShard  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/shuttle/bench-mixtral-h512-e16"))
+    ap.add_argument("--cache", default=BENCH_MODEL_DIR)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_breakdown.json"))
     ap.add_argument("--label", default="", help="a name for this result in plots")
     ap.add_argument("--plot", nargs="+", metavar="RESULT.json",

@@ -39,11 +39,6 @@ from scheduler.placement import Placement
 
 log = logging.getLogger("shuttle.deployment")
 
-# An attention rank answers a health check while a step runs only in a Ray concurrency group of its
-# own, which cluster/rank_set.py creates every attention actor with (calling a group an actor lacks
-# kills it).
-ATTENTION_HEALTH_GROUP: str | None = HEALTH_GROUP
-
 
 def describe(model_dir: str, config: EngineConfig) -> tuple[ModelSpec, EngineLimits, Placement]:
     """What a deployment of this model with this config would be, checked without starting anything."""
@@ -189,13 +184,12 @@ class Deployment(RankGroup):
     def probe(self, timeout_s: float) -> list[FaultyRank]:
         """Every rank's `check_health` under one deadline: Ray fails the call to a dead actor at once; a
         stopped one never answers. Expert ranks answer on a thread of their own while their loop
-        serves; attention ranks see ATTENTION_HEALTH_GROUP. An expert loop that has ended while the
-        deployment is up is a fault too."""
+        serves; attention ranks from their HEALTH_GROUP (cluster/rank_set.py creates them with it), beside
+        a running step. An expert loop that has ended while the deployment is up is a fault too."""
         if self._closed:
             return []
         ranks = self._ranks               # one epoch's set, even if a recovery swaps it meanwhile
-        group = ATTENTION_HEALTH_GROUP
-        calls = [("attention", i, (a.check_health.options(concurrency_group=group) if group else a.check_health).remote())
+        calls = [("attention", i, a.check_health.options(concurrency_group=HEALTH_GROUP).remote())
                  for i, a in enumerate(ranks.attention)]
         calls += [("expert", i, e.check_health.remote()) for i, e in enumerate(ranks.experts)]
         ready, _ = ray.wait([ref for _, _, ref in calls], num_returns=len(calls), timeout=timeout_s)
@@ -203,9 +197,7 @@ class Deployment(RankGroup):
         faults = []
         for kind, i, ref in calls:
             if ref not in ready:
-                if kind == "expert" or group:
-                    faults.append(FaultyRank(kind, i, FaultyRank.NOT_ANSWERING,
-                                             f"no answer to a health check within {timeout_s:g}s"))
+                faults.append(FaultyRank(kind, i, FaultyRank.NOT_ANSWERING, f"no answer to a health check within {timeout_s:g}s"))
                 continue
             try:
                 ray.get(ref)
