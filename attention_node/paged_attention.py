@@ -6,9 +6,9 @@ g KV heads, r = h / g query heads per KV head, d head dim, S slots (= KV blocks 
 The cache is one flat slot array per layer and KV head ([g, S, d], head-major): slot =
 block_table[pos // block_size] · block_size + pos % block_size. Head-major means a gather of whole
 blocks lands as [g, B, L, d] with every (head, sequence) context contiguous, which is what a batched
-matrix product wants. On the CPU in float32, decode sequences (one new token each) are attended by
-a small C++ kernel that walks each block table and reads every cached row once, up to that
-sequence's length (models/cpu_kernels.py). Elsewhere (GPUs, bfloat16, no compiler) they are attended in one batched
+matrix product wants. On the CPU (float32 or bfloat16), decode sequences (one new token each) are
+attended by a small C++ kernel that walks each block table and reads every cached row once, up to
+that sequence's length (models/cpu_kernels.py). Elsewhere (GPUs, no compiler) they are attended in one batched
 call over their contexts gathered whole blocks at a time (padded to the longest, masked): the r query
 heads of a KV head are that head's r query rows, so each K/V row is read once (SDPA's grouped-query
 path over the slot-major [S, g, d] layout this replaced read it r times, strided). Each prefill chunk
@@ -36,9 +36,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.workspace = _Workspace()
-        # CPU float32 decode attends straight from the cache (models/cpu_kernels.py); None: torch ops
+        # CPU decode attends straight from the cache (models/cpu_kernels.py); None: torch ops
         self.decode_kernel = None
-        if decode_kernel and torch.device(device).type == "cpu" and dtype == torch.float32:
+        if decode_kernel and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from models.cpu_kernels import cpu_kernels
             self.decode_kernel = cpu_kernels()
 

@@ -1,9 +1,11 @@
-// Shuttle's CPU kernels (float32), built on first use by torch.utils.cpp_extension
+// Shuttle's CPU kernels (float32 and bfloat16), built on first use by torch.utils.cpp_extension
 // (models/cpu_kernels.py, which says why each exists and what it measured):
 //  - paged_decode: decode attention straight from the paged KV cache; each (sequence, KV head)
 //    walks its own block table and reads each cached K and V row once, only up to its own length.
-//  - panel_linear: y = x · Wᵀ for a weight packed once into 8-column panels, the few-to-some rows
-//    (1-256) that decode and chunked prefill multiply by expert and projection weights.
+//  - panel_linear: y = x · Wᵀ for a weight packed once into column panels, the few-to-some rows
+//    (1-256) that decode and chunked prefill multiply by expert and projection weights: float32 in
+//    8-column panels (AVX2 FMA), bfloat16 in 16-column panels of k pairs (AVX-512 BF16 dot products).
+//  - moe_ffn: one expert rank's whole expert layer in one call, on either kind of panel.
 //
 // Legend (paged_decode): B decode sequences, g KV heads, r query heads per KV head, d head dim,
 // S cache slots, nb block-table width, L_b the context length of sequence b.
@@ -15,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/util/BFloat16.h>
 #include <torch/csrc/utils/pybind.h>
 
 #ifdef _OPENMP
@@ -23,6 +26,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 #include <limits>
@@ -31,21 +36,22 @@ namespace {
 
 // Ask for the next block of one head before its rows are needed: blocks sit at random places in
 // the cache, so the hardware prefetcher (which stops at page boundaries) does not see them coming.
-inline void prefetch_block(const float* p, int64_t floats) {
+inline void prefetch_bytes(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < floats * int64_t(sizeof(float)); i += 64) __builtin_prefetch(c + i);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 #endif
 }
 
 // Calls row(l, K or V row) for positions l = 0..L-1 of one sequence in one KV head's slot array,
 // through the sequence's block table, asking for each next block while the current one is read.
-template <typename Row>
-inline void for_each_cached_row(const float* head, const int64_t* table, int64_t L, int64_t block_size, int64_t d,
+template <typename T, typename Row>
+inline void for_each_cached_row(const T* head, const int64_t* table, int64_t L, int64_t block_size, int64_t d,
                                 Row&& row) {
   for (int64_t l0 = 0; l0 < L; l0 += block_size) {
-    const float* block = head + table[l0 / block_size] * block_size * d;
-    if (l0 + block_size < L) prefetch_block(head + table[l0 / block_size + 1] * block_size * d, block_size * d);
+    const T* block = head + table[l0 / block_size] * block_size * d;
+    if (l0 + block_size < L)
+      prefetch_bytes(head + table[l0 / block_size + 1] * block_size * d, block_size * d * int64_t(sizeof(T)));
     const int64_t n = std::min(block_size, L - l0);
     for (int64_t s = 0; s < n; ++s) row(l0 + s, block + s * d);
   }
@@ -59,16 +65,60 @@ inline void for_each_sequence_head(int64_t B, int64_t g, Fn&& fn) {
   });
 }
 
+// The decode attention itself, on float32 queries, over a cache of T (float or bfloat16: each
+// cached value is widened to float as it is read), into float32 out.
+template <typename T>
+void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* bt, const int64_t* lp, int64_t B,
+                       int64_t g, int64_t r, int64_t d, int64_t S, int64_t nb, int64_t block_size, int64_t max_len,
+                       float sc, const at::TensorOptions& fopt, float* op) {
+  auto scores = at::empty({B, g, r, max_len}, fopt);
+  float* sp = scores.data_ptr<float>();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // scores[b, h, j, l] = q[b, h, j] · K[h, slot(b, l)] · scale; -inf past L_b
+  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
+    const float* qi = qp + i * r * d;
+    float* si = sp + i * r * max_len;
+    for_each_cached_row(kp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const T* __restrict__ kr) {
+      for (int64_t j = 0; j < r; ++j) {
+        const float* __restrict__ qj = qi + j * d;
+        float acc = 0.f;
+        for (int64_t t = 0; t < d; ++t) acc += qj[t] * static_cast<float>(kr[t]);
+        si[j * max_len + l] = acc * sc;
+      }
+    });
+    for (int64_t j = 0; j < r; ++j) std::fill(si + j * max_len + lp[b], si + (j + 1) * max_len, neg_inf);
+  });
+
+  auto probs = scores.softmax(-1);
+  const float* pp = probs.data_ptr<float>();
+
+  // out[b, h, j] = Σ_l probs[b, h, j, l] · V[h, slot(b, l)]
+  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
+    const float* pi = pp + i * r * max_len;
+    float* oi = op + i * r * d;
+    for_each_cached_row(vp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const T* __restrict__ vr) {
+      for (int64_t j = 0; j < r; ++j) {
+        const float p = pi[j * max_len + l];
+        float* __restrict__ oj = oi + j * d;
+        for (int64_t t = 0; t < d; ++t) oj[t] += p * static_cast<float>(vr[t]);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // q [B, g, r, d], k_cache / v_cache [g, S, d] (one layer), blocks [B, nb] int64, lens [B] int64
 // → out [B, g, r, d] = softmax(q·Kᵀ·scale) · V over each sequence's first L_b cached positions.
+// q and the caches are all float32 or all bfloat16; sums and the softmax are float32 either way.
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor blocks,
                            at::Tensor lens, int64_t block_size, double scale) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 3 && v_cache.dim() == 3 && blocks.dim() == 2 && lens.dim() == 1,
               "paged_decode: expected q [B, g, r, d], caches [g, S, d], blocks [B, nb], lens [B]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "paged_decode: float32 only");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k_cache.scalar_type() == dtype
+              && v_cache.scalar_type() == dtype, "paged_decode: float32 or bfloat16 only, the same for q and both caches");
   TORCH_CHECK(blocks.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "paged_decode: int64 blocks and lens");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && blocks.is_contiguous()
               && lens.is_contiguous(), "paged_decode: contiguous tensors only");
@@ -85,53 +135,24 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
       TORCH_CHECK(bt[b * nb + i] >= 0 && (bt[b * nb + i] + 1) * block_size <= S, "paged_decode: block id out of range");
     max_len = std::max(max_len, lp[b]);
   }
-  auto scores = at::empty({B, g, r, max_len}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* sp = scores.data_ptr<float>();
+  const auto fopt = q.options().dtype(at::kFloat);
+  const at::Tensor qf = dtype == at::kFloat ? q : q.to(at::kFloat);
+  auto out = at::zeros(q.sizes(), fopt);
   const float sc = static_cast<float>(scale);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-
-  // scores[b, h, j, l] = q[b, h, j] · K[h, slot(b, l)] · scale; -inf past L_b
-  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
-    const float* qi = qp + i * r * d;
-    float* si = sp + i * r * max_len;
-    for_each_cached_row(kp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const float* __restrict__ kr) {
-      for (int64_t j = 0; j < r; ++j) {
-        const float* __restrict__ qj = qi + j * d;
-        float acc = 0.f;
-        for (int64_t t = 0; t < d; ++t) acc += qj[t] * kr[t];
-        si[j * max_len + l] = acc * sc;
-      }
-    });
-    for (int64_t j = 0; j < r; ++j) std::fill(si + j * max_len + lp[b], si + (j + 1) * max_len, neg_inf);
-  });
-
-  auto probs = scores.softmax(-1);
-  auto out = at::zeros_like(q);
-  const float* pp = probs.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-
-  // out[b, h, j] = Σ_l probs[b, h, j, l] · V[h, slot(b, l)]
-  for_each_sequence_head(B, g, [&](int64_t i, int64_t b, int64_t h) {
-    const float* pi = pp + i * r * max_len;
-    float* oi = op + i * r * d;
-    for_each_cached_row(vp + h * S * d, bt + b * nb, lp[b], block_size, d, [&](int64_t l, const float* __restrict__ vr) {
-      for (int64_t j = 0; j < r; ++j) {
-        const float p = pi[j * max_len + l];
-        float* __restrict__ oj = oi + j * d;
-        for (int64_t t = 0; t < d; ++t) oj[t] += p * vr[t];
-      }
-    });
-  });
-  return out;
+  if (dtype == at::kFloat)
+    paged_decode_impl<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lp, B, g, r,
+                             d, S, nb, block_size, max_len, sc, fopt, out.data_ptr<float>());
+  else
+    paged_decode_impl<c10::BFloat16>(qf.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+                                     v_cache.data_ptr<c10::BFloat16>(), bt, lp, B, g, r, d, S, nb, block_size, max_len,
+                                     sc, fopt, out.data_ptr<float>());
+  return dtype == at::kFloat ? out : out.to(dtype);
 }
 
 // ---- panel_linear ------------------------------------------------------------------------------
-// The weight W [N, K] is stored as panels [N/8, K, 8] (panel j holds rows 8j..8j+7, interleaved by
-// k), so one AVX register load gives W[8j..8j+7, k]. Threads split the panels; each streams its
-// panels from memory once, the row tiles after the first finding them in cache.
+// float32: the weight W [N, K] is stored as panels [N/8, K, 8] (panel j holds rows 8j..8j+7,
+// interleaved by k), so one AVX register load gives W[8j..8j+7, k]. Threads split the panels; each
+// streams its panels from memory once, the row tiles after the first finding them in cache.
 //  - up to 8 rows (decode): one tile of 8 accumulators per panel: a single pass, so the FMAs hide
 //    under the weight stream (the product is bound by memory bandwidth here);
 //  - more rows: tiles of up to 6 rows over two neighbouring panels (16 columns: 12 accumulators, the
@@ -139,11 +160,23 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 //    spread evenly over the tiles. 8 accumulators cannot hide the FMA latency (2 units × 4-5 cycles)
 //    and need a broadcast per FMA; 12 can, with a broadcast per 2 FMAs. Expert FFN products, both
 //    cores: +12-40% over 8-row tiles from 9 to 256 rows (e.g. 38 rows 142 → 157-169 GFLOP/s).
+// bfloat16 (where the CPU has AVX-512 BF16): W [N, K] as panels [N/16, K/2, 32]: panel j, pair kk
+// holds W[16j + c, 2kk + e] at 2c + e, so one 64-byte load gives 16 columns × 2 k, which one
+// vdpbf16ps multiplies by a broadcast pair (x[2kk], x[2kk + 1]) and adds into 16 float32 sums: half
+// the bytes of float32 and twice the products per instruction. Tiles of up to 12 rows per panel.
+// Both stream the weight with a software prefetch 4 KB ahead: with only the hardware prefetcher,
+// 8-row expert products out of cache ran at ~16 GB/s (the FMAs stall the stream); with it ~21.
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 namespace {
+
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
 
 // Both tiles are inlined into panel_linear's switches: called through a pointer, GCC spilled the
 // accumulators to the stack on every k (2.3x slower).
@@ -153,6 +186,7 @@ __attribute__((always_inline)) inline void panel_tile(const float* __restrict__ 
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    if ((k & 1) == 0) prefetch_ahead(p + k * 8);
     const __m256 w = _mm256_loadu_ps(p + k * 8);
     for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + m * K + k), w, acc[m]);
   }
@@ -167,6 +201,10 @@ __attribute__((always_inline)) inline void pair_tile(const float* __restrict__ x
   __m256 a0[M], a1[M];
   for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    if ((k & 1) == 0) {
+      prefetch_ahead(p0 + k * 8);
+      prefetch_ahead(p1 + k * 8);
+    }
     const __m256 w0 = _mm256_loadu_ps(p0 + k * 8), w1 = _mm256_loadu_ps(p1 + k * 8);
     for (int m = 0; m < M; ++m) {
       const __m256 b = _mm256_broadcast_ss(x + m * K + k);
@@ -223,25 +261,168 @@ struct Unit {
   bool pair;
 };
 
-void check_panels(const at::Tensor& panels, int64_t K, const char* what) {
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == 8 && panels.size(1) == K, what,
-              ": expected panels [N/8, K, 8] with K = ", K, ", got ", panels.sizes());
-  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.device().is_cpu(), what,
-              ": contiguous float32 CPU panels only");
+// The float32 format: 8-column panels, more than 8 rows in tiles over panel pairs.
+struct F32 {
+  using X = float;
+  using W = float;
+  using Out = float;                        // what panel_linear returns
+  static constexpr int64_t kCols = 8;
+  static constexpr int64_t kUnitRows = 8;   // more rows than this: units of two panels
+  static double cost(int64_t rows) { return 6.0 + rows; }   // a panel's stream ≈ 6 rows of FMAs
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy) {
+    panel_unit(x, M, K, panels, j, pair, y, ldy);
+  }
+};
+
+}  // namespace
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define SHUTTLE_BF16_PANELS 1
+namespace {
+
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(c10::BFloat16* y, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
-void check_rows(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), what,
-              ": expected a contiguous float32 CPU x [M, K]");
+// M rows × 16 columns of bfloat16 panel p (K/2 pairs), float32 sums, stored as Y.
+template <int M, typename Y>
+__attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict__ x, int64_t K,
+                                                     const uint16_t* __restrict__ p, Y* __restrict__ y, int64_t ldy) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    prefetch_ahead(p + kk * 32);
+    const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + kk * 32));
+    for (int m = 0; m < M; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * K + 2 * kk, sizeof(pair));
+      acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
+    }
+  }
+  for (int m = 0; m < M; ++m) store16(y + m * ldy, acc[m]);
+}
+
+template <typename Y>
+__attribute__((always_inline)) inline void bf16_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* p,
+                                                     Y* y, int64_t ldy) {
+  switch (rows) {
+    case 12: bf16_tile<12>(x, K, p, y, ldy); break;
+    case 11: bf16_tile<11>(x, K, p, y, ldy); break;
+    case 10: bf16_tile<10>(x, K, p, y, ldy); break;
+    case 9: bf16_tile<9>(x, K, p, y, ldy); break;
+    case 8: bf16_tile<8>(x, K, p, y, ldy); break;
+    case 7: bf16_tile<7>(x, K, p, y, ldy); break;
+    case 6: bf16_tile<6>(x, K, p, y, ldy); break;
+    case 5: bf16_tile<5>(x, K, p, y, ldy); break;
+    case 4: bf16_tile<4>(x, K, p, y, ldy); break;
+    case 3: bf16_tile<3>(x, K, p, y, ldy); break;
+    case 2: bf16_tile<2>(x, K, p, y, ldy); break;
+    default: bf16_tile<1>(x, K, p, y, ldy);
+  }
+}
+
+// The bfloat16 format: 16-column panels of k pairs, rows in tiles of up to 12, spread evenly.
+struct BF16 {
+  using X = uint16_t;
+  using W = uint16_t;
+  using Out = c10::BFloat16;
+  static constexpr int64_t kCols = 16;
+  static constexpr int64_t kUnitRows = std::numeric_limits<int64_t>::max();   // never pairs
+  static double cost(int64_t rows) { return 6.0 + 0.5 * rows; }   // the same bytes per panel, half the cycles per row
+  template <typename Y>
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool, Y* y, int64_t ldy) {
+    const int64_t tiles = (M + 11) / 12;
+    for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
+      const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
+      bf16_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy);
+      m0 += rows;
+    }
+  }
+};
+
+// a[r, i] = SiLU(h[r, i]) · h[r, I + i] for the p rows of h [p, 2I] (gate, then up), into float or bfloat16.
+inline __m512 exp16(__m512 x) {
+  // e^x = 2^n · e^t, n = round(x / ln 2), t = x − n·ln 2 (ln 2 in two parts) in [−ln2/2, ln2/2], where
+  // the Taylor series to t^6 is within 6e-8 relative; scalef makes 2^n and saturates to 0 or inf.
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  t = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417e-06f), t);
+  __m512 e = _mm512_set1_ps(1.f / 720);
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 120));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 24));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 6));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(e, n);
+}
+
+inline void store_masked(float* y, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(y, m, v); }
+inline void store_masked(c10::BFloat16* y, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(y, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+}  // namespace
+#endif
+
+namespace {
+
+template <typename A>
+void silu_mul(const float* h, int64_t p, int64_t I, A* a) {
+  at::parallel_for(0, p, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* g = h + r * 2 * I;
+      const float* u = g + I;
+      A* ar = a + r * I;
+#ifdef SHUTTLE_BF16_PANELS
+      for (int64_t i = 0; i < I; i += 16) {
+        const __mmask16 m = I - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (I - i)) - 1);
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        store_masked(ar + i, m, _mm512_mul_ps(s, uv));
+      }
+#else
+      for (int64_t i = 0; i < I; ++i) ar[i] = A(g[i] / (1.0f + std::exp(-g[i])) * u[i]);
+#endif
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype && x.is_contiguous() && x.device().is_cpu(), what,
+              ": expected a contiguous ", c10::toString(dtype), " CPU x [M, K], got ", x.scalar_type(), " ", x.sizes());
+}
+
+// Whether these panels are the bfloat16 format (else float32); refuses anything else by name.
+bool bf16_panels(const at::Tensor& panels, int64_t K, const char* what) {
+  const bool bf16 = panels.scalar_type() == at::kBFloat16;
+  if (bf16) {
+#ifdef SHUTTLE_BF16_PANELS
+    TORCH_CHECK(panels.dim() == 3 && panels.size(2) == 32 && K % 2 == 0 && panels.size(1) == K / 2, what,
+                ": expected bfloat16 panels [N/16, K/2, 32] with K = ", K, ", got ", panels.sizes());
+#else
+    TORCH_CHECK(false, what, ": this CPU has no AVX-512 BF16 for bfloat16 panels");
+#endif
+  } else {
+    TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.dim() == 3 && panels.size(2) == 8 && panels.size(1) == K, what,
+                ": expected float32 panels [N/8, K, 8] or bfloat16 panels [N/16, K/2, 32] with K = ", K, ", got ",
+                panels.scalar_type(), " ", panels.sizes());
+  }
+  TORCH_CHECK(panels.is_contiguous() && panels.device().is_cpu(), what, ": contiguous CPU panels only");
+  return bf16;
 }
 
 // Row block w of x (counts[w] rows, blocks in order) times weight w (panels at weight[w], P of them):
-// y [M, P·8]. One parallel region for all the weights, split so that each thread gets an equal
-// share of the estimated time: a unit (a panel or a pair) costs its weight stream (~6 rows' worth of
-// FMAs at memory speed) plus its rows. `reverse` takes the weights last to first.
-void run_units(const float* xp, int64_t K, int64_t P, const std::vector<int64_t>& counts,
-               const std::vector<const float*>& weight, bool reverse, float* yp) {
-  const int64_t ldy = P * 8;
+// y [M, P·cols]. One parallel region for all the weights, split so that each thread gets an equal
+// share of the estimated time: a unit (a panel or a pair) costs its weight stream plus its rows.
+// `reverse` takes the weights last to first.
+template <class F, typename Y>
+void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<int64_t>& counts,
+               const std::vector<const typename F::W*>& weight, bool reverse, Y* yp) {
+  const int64_t ldy = P * F::kCols;
   std::vector<int64_t> first(counts.size() + 1, 0);
   for (size_t w = 0; w < counts.size(); ++w) first[w + 1] = first[w] + counts[w];
   std::vector<Unit> units;
@@ -249,11 +430,11 @@ void run_units(const float* xp, int64_t K, int64_t P, const std::vector<int64_t>
   for (size_t i = 0; i < counts.size(); ++i) {
     const int64_t w = reverse ? counts.size() - 1 - i : i;
     if (counts[w] == 0) continue;
-    const int64_t width = counts[w] > 8 ? 2 : 1;
+    const int64_t width = counts[w] > F::kUnitRows ? 2 : 1;
     for (int64_t j = 0; j < P; j += width) {
       const bool pair = width == 2 && j + 1 < P;
       units.push_back({w, j, pair});
-      cost.push_back(cost.back() + (pair ? 2 : 1) * (6.0 + counts[w]));
+      cost.push_back(cost.back() + (pair ? 2 : 1) * F::cost(counts[w]));
     }
   }
   if (units.empty()) return;
@@ -270,122 +451,86 @@ void run_units(const float* xp, int64_t K, int64_t P, const std::vector<int64_t>
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = bound(begin); u < bound(end); ++u) {
       const Unit& n = units[u];
-      panel_unit(xp + first[n.weight] * K, counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy,
-                 ldy);
+      F::unit(xp + first[n.weight] * K, counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy,
+              ldy);
     }
   });
 }
 
-}  // namespace
-
-bool has_panel_linear() { return true; }
-
-// x [M, K], panels [N/8, K, 8] → [M, N]
-at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
-  check_rows(x, "panel_linear");
-  check_panels(panels, x.size(1), "panel_linear");
-  auto y = at::empty({x.size(0), panels.size(0) * 8}, x.options());
-  run_units(x.data_ptr<float>(), x.size(1), panels.size(0), {x.size(0)}, {panels.data_ptr<float>()}, false,
-            y.data_ptr<float>());
-  return y;
+// The panel pointers of a list of weights of one format, every one checked against the first.
+template <class F>
+std::vector<const typename F::W*> panel_pointers(const std::vector<at::Tensor>& panels, int64_t K, const char* what) {
+  std::vector<const typename F::W*> out(panels.size());
+  const bool bf16 = bf16_panels(panels[0], K, what);
+  for (size_t w = 0; w < panels.size(); ++w) {
+    TORCH_CHECK(bf16_panels(panels[w], K, what) == bf16, what, ": weight ", w, " is ", panels[w].scalar_type(),
+                ", weight 0 is ", panels[0].scalar_type());
+    TORCH_CHECK(panels[w].size(0) == panels[0].size(0), what, ": weight ", w, " has ", panels[w].size(0) * F::kCols,
+                " outputs, weight 0 has ", panels[0].size(0) * F::kCols);
+    out[w] = reinterpret_cast<const typename F::W*>(panels[w].data_ptr());
+  }
+  return out;
 }
 
-// Every weight at once, each on its own rows: x [M, K], counts [W] summing to M, panels W × [N/8, K, 8]
-// → [M, N] (row block w of x times weight w). `reverse` takes the weights last to first (the expert
-// rank alternates, to start where the cache is warm).
-at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels,
-                                bool reverse) {
-  check_rows(x, "grouped_panel_linear");
-  TORCH_CHECK(!panels.empty(), "grouped_panel_linear: no weights");
-  TORCH_CHECK(counts.size() == panels.size(),
-              "grouped_panel_linear: one row count per weight (", counts.size(), " counts, ", panels.size(), " weights)");
-  const int64_t M = x.size(0), K = x.size(1);
-  check_panels(panels[0], K, "grouped_panel_linear");
+// x [M, K] (rows in blocks of counts) times each block's weight → [M, N] in x's dtype.
+template <class F>
+at::Tensor grouped_impl(const at::Tensor& x, const std::vector<int64_t>& counts, const std::vector<at::Tensor>& panels,
+                        bool reverse, const char* what) {
+  const auto weight = panel_pointers<F>(panels, x.size(1), what);
   const int64_t P = panels[0].size(0);
-  std::vector<const float*> weight(counts.size());
-  int64_t rows = 0;
-  for (size_t w = 0; w < counts.size(); ++w) {
-    TORCH_CHECK(counts[w] >= 0, "grouped_panel_linear: negative row count ", counts[w], " for weight ", w);
-    rows += counts[w];
-    check_panels(panels[w], K, "grouped_panel_linear");
-    TORCH_CHECK(panels[w].size(0) == P, "grouped_panel_linear: weight ", w, " has ", panels[w].size(0) * 8,
-                " outputs, weight 0 has ", P * 8);
-    weight[w] = panels[w].data_ptr<float>();
-  }
-  TORCH_CHECK(rows == M, "grouped_panel_linear: row counts sum to ", rows, ", x has ", M, " rows");
-  auto y = at::empty({M, P * 8}, x.options());
-  run_units(x.data_ptr<float>(), K, P, counts, weight, reverse, y.data_ptr<float>());
+  auto y = at::empty({x.size(0), P * F::kCols}, x.options());
+  run_units<F>(reinterpret_cast<const typename F::X*>(x.data_ptr()), x.size(1), P, counts, weight, reverse,
+               y.template data_ptr<typename F::Out>());
   return y;
 }
 
-// A whole expert layer of one expert rank, in one call (decode-sized batches pay ~20 torch op
-// dispatches per layer otherwise). Legend: n tokens, k experts per token, H hidden, I expert width,
-// X local experts, p (token, local expert) pairs.
-// x [n, H]; local [n, k] int64: each pair's local expert, -1 where the expert lives elsewhere;
-// weights [n, k] float32 routing weights; up X × panels of [2I, H] (gate rows, then up rows), down
-// X × panels of [H, I]. Pairs are grouped by local expert (stable: token order within an expert),
-// each expert runs its rows (up, SiLU(gate)·up, down), and each token's rows are summed, weighted,
-// in that order: the sums of ExpertShard's torch path. Returns (out [n, H], counts [X] as int64).
-std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
-                                           std::vector<at::Tensor> down, bool reverse) {
-  check_rows(x, "moe_ffn");
-  const int64_t n = x.size(0), H = x.size(1), X = up.size();
-  TORCH_CHECK(X > 0 && down.size() == up.size(), "moe_ffn: one up and one down weight per local expert");
-  TORCH_CHECK(local.dim() == 2 && local.size(0) == n && local.scalar_type() == at::kLong && local.is_contiguous() &&
-              local.device().is_cpu(), "moe_ffn: expected local expert ids [n, k] int64 on the CPU");
-  const int64_t k = local.size(1);
-  TORCH_CHECK(weights.sizes() == local.sizes() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
-              weights.device().is_cpu(), "moe_ffn: expected routing weights [n, k] float32 like the ids");
-  check_panels(up[0], H, "moe_ffn (up)");
-  const int64_t P_up = up[0].size(0), I = P_up * 4;
-  check_panels(down[0], I, "moe_ffn (down)");
-  TORCH_CHECK(down[0].size(0) * 8 == H, "moe_ffn: down projections give ", down[0].size(0) * 8, " outputs, not H = ", H);
-  std::vector<const float*> up_w(X), down_w(X);
-  for (int64_t e = 0; e < X; ++e) {
-    check_panels(up[e], H, "moe_ffn (up)");
-    check_panels(down[e], I, "moe_ffn (down)");
-    TORCH_CHECK(up[e].size(0) == P_up && down[e].size(0) * 8 == H, "moe_ffn: expert ", e, " has other shapes than expert 0");
-    up_w[e] = up[e].data_ptr<float>();
-    down_w[e] = down[e].data_ptr<float>();
-  }
+// A whole expert layer of one expert rank (see moe_ffn below), on panels of format F.
+template <class F>
+std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
+                                                const std::vector<at::Tensor>& up, const std::vector<at::Tensor>& down,
+                                                bool reverse) {
+  using X = typename F::X;
+  const int64_t n = x.size(0), H = x.size(1), X_ = up.size(), k = local.size(1);
+  const auto up_w = panel_pointers<F>(up, H, "moe_ffn (up)");
+  const int64_t P_up = up[0].size(0), I = P_up * F::kCols / 2;
+  const auto down_w = panel_pointers<F>(down, I, "moe_ffn (down)");
+  TORCH_CHECK(down[0].size(0) * F::kCols == H, "moe_ffn: down projections give ", down[0].size(0) * F::kCols,
+              " outputs, not H = ", H);
   const int64_t* ids = local.data_ptr<int64_t>();
-  auto counts_t = at::zeros({X}, local.options());
+  auto counts_t = at::zeros({X_}, local.options());
   int64_t* counts = counts_t.data_ptr<int64_t>();
   for (int64_t i = 0; i < n * k; ++i) {
-    TORCH_CHECK(ids[i] < X, "moe_ffn: local expert id ", ids[i], " out of range for ", X, " experts");
+    TORCH_CHECK(ids[i] < X_, "moe_ffn: local expert id ", ids[i], " out of range for ", X_, " experts");
     if (ids[i] >= 0) ++counts[ids[i]];
   }
-  std::vector<int64_t> first(X + 1, 0);
-  for (int64_t e = 0; e < X; ++e) first[e + 1] = first[e] + counts[e];
-  const int64_t p = first[X];
+  std::vector<int64_t> first(X_ + 1, 0);
+  for (int64_t e = 0; e < X_; ++e) first[e + 1] = first[e] + counts[e];
+  const int64_t p = first[X_];
   std::vector<int64_t> pair_of_row(p);                      // row → pair index (token · k + slot)
   {
     std::vector<int64_t> next(first.begin(), first.end() - 1);
     for (int64_t i = 0; i < n * k; ++i)
       if (ids[i] >= 0) pair_of_row[next[ids[i]]++] = i;
   }
-  auto out = at::zeros({n, H}, x.options());
-  if (p == 0) return {out, counts_t};
-  const float* xp = x.data_ptr<float>();
+  const auto fopt = x.options().dtype(at::kFloat);
+  auto sum = at::zeros({n, H}, fopt);
+  if (p == 0) return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
+  const X* xp = reinterpret_cast<const X*>(x.data_ptr());
   auto xs = at::empty({p, H}, x.options());
-  float* xsp = xs.data_ptr<float>();
+  X* xsp = reinterpret_cast<X*>(xs.data_ptr());
   at::parallel_for(0, p, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) std::copy(xp + (pair_of_row[r] / k) * H, xp + (pair_of_row[r] / k + 1) * H, xsp + r * H);
   });
-  std::vector<int64_t> cnt(counts, counts + X);
-  auto h = at::empty({p, 2 * I}, x.options());
-  run_units(xsp, H, P_up, cnt, up_w, reverse, h.data_ptr<float>());
+  std::vector<int64_t> cnt(counts, counts + X_);
+  auto h = at::empty({p, 2 * I}, fopt);
+  run_units<F>(xsp, H, P_up, cnt, up_w, reverse, h.data_ptr<float>());
   auto a = at::empty({p, I}, x.options());
-  const float* hp = h.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
-  at::parallel_for(0, p, 4, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* g = hp + r * 2 * I;
-      for (int64_t i = 0; i < I; ++i) ap[r * I + i] = g[i] / (1.0f + std::exp(-g[i])) * g[I + i];
-    }
-  });
-  auto y = at::empty({p, H}, x.options());
-  run_units(ap, I, H / 8, cnt, down_w, reverse, y.data_ptr<float>());
+  if (x.scalar_type() == at::kFloat)
+    silu_mul(h.data_ptr<float>(), p, I, a.data_ptr<float>());
+  else
+    silu_mul(h.data_ptr<float>(), p, I, a.data_ptr<c10::BFloat16>());
+  auto y = at::empty({p, H}, fopt);
+  run_units<F>(reinterpret_cast<const X*>(a.data_ptr()), I, H / F::kCols, cnt, down_w, reverse, y.data_ptr<float>());
   // Each token's rows, in row order (expert order), weighted and summed into its output row.
   std::vector<int64_t> rows_of(n * k, -1);
   std::vector<int64_t> filled(n, 0);
@@ -395,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::T
   }
   const float* yp = y.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* op = sum.data_ptr<float>();
   at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t j = 0; j < filled[t]; ++j) {
@@ -404,12 +549,85 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::T
         for (int64_t c = 0; c < H; ++c) op[t * H + c] += yp[r * H + c] * w;
       }
   });
-  return {out, counts_t};
+  return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
+}
+
+}  // namespace
+
+bool has_panel_linear() { return true; }
+
+bool has_bf16_panels() {
+#ifdef SHUTTLE_BF16_PANELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K], panels (float32 [N/8, K, 8] or bfloat16 [N/16, K/2, 32], x of the same dtype) → [M, N]
+at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
+  TORCH_CHECK(x.dim() == 2, "panel_linear: expected x [M, K], got ", x.sizes());
+  const bool bf16 = bf16_panels(panels, x.size(1), "panel_linear");
+  check_rows(x, bf16 ? at::kBFloat16 : at::kFloat, "panel_linear");
+#ifdef SHUTTLE_BF16_PANELS
+  if (bf16) return grouped_impl<BF16>(x, {x.size(0)}, {panels}, false, "panel_linear");
+#endif
+  return grouped_impl<F32>(x, {x.size(0)}, {panels}, false, "panel_linear");
+}
+
+// Every weight at once, each on its own rows: x [M, K], counts [W] summing to M, panels W × one format
+// → [M, N] (row block w of x times weight w). `reverse` takes the weights last to first (the expert
+// rank alternates, to start where the cache is warm).
+at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels,
+                                bool reverse) {
+  TORCH_CHECK(!panels.empty(), "grouped_panel_linear: no weights");
+  TORCH_CHECK(counts.size() == panels.size(),
+              "grouped_panel_linear: one row count per weight (", counts.size(), " counts, ", panels.size(), " weights)");
+  TORCH_CHECK(x.dim() == 2, "grouped_panel_linear: expected x [M, K], got ", x.sizes());
+  const bool bf16 = bf16_panels(panels[0], x.size(1), "grouped_panel_linear");
+  check_rows(x, bf16 ? at::kBFloat16 : at::kFloat, "grouped_panel_linear");
+  int64_t rows = 0;
+  for (size_t w = 0; w < counts.size(); ++w) {
+    TORCH_CHECK(counts[w] >= 0, "grouped_panel_linear: negative row count ", counts[w], " for weight ", w);
+    rows += counts[w];
+  }
+  TORCH_CHECK(rows == x.size(0), "grouped_panel_linear: row counts sum to ", rows, ", x has ", x.size(0), " rows");
+#ifdef SHUTTLE_BF16_PANELS
+  if (bf16) return grouped_impl<BF16>(x, counts, panels, reverse, "grouped_panel_linear");
+#endif
+  return grouped_impl<F32>(x, counts, panels, reverse, "grouped_panel_linear");
+}
+
+// A whole expert layer of one expert rank, in one call (decode-sized batches pay ~20 torch op
+// dispatches per layer otherwise). Legend: n tokens, k experts per token, H hidden, I expert width,
+// X local experts, p (token, local expert) pairs.
+// x [n, H] float32 or bfloat16; local [n, k] int64: each pair's local expert, -1 where the expert
+// lives elsewhere; weights [n, k] float32 routing weights; up X × panels of [2I, H] (gate rows, then
+// up rows), down X × panels of [H, I], in x's dtype. Pairs are grouped by local expert (stable: token
+// order within an expert), each expert runs its rows (up, SiLU(gate)·up, down), and each token's rows
+// are summed, weighted, in that order: the sums of ExpertShard's torch path, in float32 (bfloat16: the
+// SiLU·up activations are rounded to bfloat16 for the down projection, the output once at the end).
+// Returns (out [n, H] in x's dtype, counts [X] as int64).
+std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
+                                           std::vector<at::Tensor> down, bool reverse) {
+  TORCH_CHECK(x.dim() == 2, "moe_ffn: expected x [n, H], got ", x.sizes());
+  TORCH_CHECK(!up.empty() && down.size() == up.size(), "moe_ffn: one up and one down weight per local expert");
+  const bool bf16 = bf16_panels(up[0], x.size(1), "moe_ffn (up)");
+  check_rows(x, bf16 ? at::kBFloat16 : at::kFloat, "moe_ffn");
+  TORCH_CHECK(local.dim() == 2 && local.size(0) == x.size(0) && local.scalar_type() == at::kLong && local.is_contiguous() &&
+              local.device().is_cpu(), "moe_ffn: expected local expert ids [n, k] int64 on the CPU");
+  TORCH_CHECK(weights.sizes() == local.sizes() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+              weights.device().is_cpu(), "moe_ffn: expected routing weights [n, k] float32 like the ids");
+#ifdef SHUTTLE_BF16_PANELS
+  if (bf16) return moe_ffn_impl<BF16>(x, local, weights, up, down, reverse);
+#endif
+  return moe_ffn_impl<F32>(x, local, weights, up, down, reverse);
 }
 
 #else  // no AVX2/FMA: Linear keeps oneDNN (models/linear.py asks has_panel_linear first)
 
 bool has_panel_linear() { return false; }
+bool has_bf16_panels() { return false; }
 
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
   TORCH_CHECK(false, "panel_linear: this build has no AVX2/FMA");
@@ -430,11 +648,12 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor, at::Tensor,
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU, float32)");
-  m.def("panel_linear", &panel_linear, "x · Wᵀ for a weight packed into [N/8, K, 8] panels (CPU, float32)");
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU, float32 or bfloat16)");
+  m.def("panel_linear", &panel_linear, "x · Wᵀ for a weight packed into column panels (CPU, float32 or bfloat16)");
   m.def("grouped_panel_linear", &grouped_panel_linear,
-        "row blocks of x times their own panel-packed weights, all in one parallel region (CPU, float32)");
+        "row blocks of x times their own panel-packed weights, all in one parallel region (CPU)");
   m.def("moe_ffn", &moe_ffn, "one expert rank's whole expert layer: group by expert, up, SiLU·up, down, weighted sum "
-        "per token (CPU, float32)");
+        "per token (CPU, float32 or bfloat16)");
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
+  m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");
 }

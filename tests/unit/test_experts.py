@@ -62,6 +62,27 @@ def test_grouped_kernel_matches_dense(n, reverse):
             assert shard.last_counts == [int((ids == e).sum()) for e in experts]
 
 
+@pytest.mark.parametrize("n", [1, 5, 40, 300])
+def test_grouped_kernel_in_bfloat16_matches_dense(n):
+    """bfloat16 weights (16-column panels of k pairs, AVX-512 BF16): float32 sums, the SiLU·up activations
+    rounded to bfloat16, the output once; within bfloat16 rounding of the dense layer in float64."""
+    h, i = 256, 272
+    w13, w2 = weights(h=h, i=i)
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    x, ids, w = routing(n, h=h)
+    x = x.bfloat16()
+    shard = shard_of(list(range(E)), w13, w2, h, i)
+    assert shard.grouped[0] is not None and shard.grouped[0][1][0].dtype == torch.bfloat16
+    got = shard.forward(0, x, ids, w)
+    assert got.dtype == torch.bfloat16
+    want = dense_moe_reference(x.double(), ids, w.double(), w13.double(), w2.double())
+    scale = want.abs().max()
+    assert (got.double() - want).abs().max() <= 2e-2 * scale
+    torch_path = dense_moe_reference(x, ids, w, w13, w2).double()     # the same layer in bfloat16 torch ops
+    assert (got.double() - want).abs().max() <= (torch_path - want).abs().max() + 1e-3 * scale
+    assert shard.last_counts == [int((ids == e).sum()) for e in range(E)]
+
+
 def test_fused_layer_refuses_bad_inputs_by_name():
     h, i = 256, 264
     w13, w2 = weights(h=h, i=i)
@@ -74,6 +95,8 @@ def test_fused_layer_refuses_bad_inputs_by_name():
         kernels.moe_ffn(x, torch.full_like(ids, E), w, up, down, False)
     with pytest.raises(RuntimeError, match="one up and one down weight"):
         kernels.moe_ffn(x, ids, w, up, down[:-1], False)
+    with pytest.raises(RuntimeError, match="moe_ffn: expected a contiguous Float CPU x"):
+        kernels.moe_ffn(x.bfloat16(), ids, w, up, down, False)
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 8])

@@ -40,8 +40,10 @@ def test_layout_choice(monkeypatch):
     assert odd.panels is None and odd.packed is not None
     small = Linear(torch.randn(64, 64))                    # below PREPACK_MIN_ELEMENTS: plain F.linear
     assert 64 * 64 < PREPACK_MIN_ELEMENTS and small.panels is None and small.packed is None
-    half = Linear(big.bfloat16())
-    assert half.panels is None and half.packed is None
+    half = Linear(big.bfloat16())                          # this CPU has AVX-512 BF16 (CI's does too)
+    assert half.panels is not None and half.panels.dtype == torch.bfloat16 and half.packed is None
+    assert Linear(torch.randn(520, 256).bfloat16()).panels is None      # bfloat16 panels are 16 columns wide
+    assert Linear(big.half()).panels is None
     monkeypatch.setattr(cpu_kernels, "_built", {})
     monkeypatch.setenv("SHUTTLE_CPU_KERNELS", "0")
     off = Linear(big)
@@ -50,13 +52,41 @@ def test_layout_choice(monkeypatch):
     assert torch.allclose(off(x), F.linear(x, big), atol=1e-4, rtol=1e-5)
 
 
+# bfloat16 panels: tiles of up to 12 rows, more rows spread evenly over tiles (13 = 7+6, 37 = 10+9+9+9)
+@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 37, 130])
+@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (272, 300)])
+def test_bfloat16_panels_match_a_float32_product_rounded_once(rows, out_features, in_features):
+    """bfloat16 weights and inputs, float32 sums, the result rounded to bfloat16 once: within one
+    bfloat16 rounding of the exact product (F.linear in bfloat16 rounds too, by its own summation)."""
+    torch.manual_seed(rows)
+    w = (torch.randn(out_features, in_features) * 0.05).bfloat16()
+    lin = Linear(w.clone())
+    assert lin.panels is not None and lin.panels.dtype == torch.bfloat16
+    x = torch.randn(rows, in_features).bfloat16()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+    exact = x.double() @ w.double().t()
+    assert torch.allclose(y.double(), exact, rtol=2 ** -8, atol=1e-6)
+    if rows:
+        close = F.linear(x, w).double()
+        assert (y.double() - exact).abs().max() <= (close - exact).abs().max() + 1e-6
+
+
+def test_bfloat16_panels_refuse_float32_inputs_by_name():
+    lin = Linear(torch.randn(512, 256).bfloat16())
+    with pytest.raises(RuntimeError, match="expected a contiguous BFloat16 CPU x"):
+        lin(torch.randn(3, 256))
+
+
 def test_panel_linear_rejects_mismatched_inputs():
     ext = cpu_kernels.cpu_kernels()
     panels = torch.randn(4, 16, 8)
     with pytest.raises(RuntimeError, match="K = 15"):
         ext.panel_linear(torch.randn(3, 15), panels)
-    with pytest.raises(RuntimeError, match="float32 CPU x"):
+    with pytest.raises(RuntimeError, match="expected float32 panels"):
         ext.panel_linear(torch.randn(3, 16).double(), panels.double())
+    with pytest.raises(RuntimeError, match="expected a contiguous Float CPU x"):
+        ext.panel_linear(torch.randn(3, 16).double(), panels)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -30,12 +30,12 @@ def _reference(q, ks, vs):
     return (torch.softmax(scores, -1) @ v).transpose(0, 1)                     # [n, h, d]
 
 
-def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int = 0):
+def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int = 0, dtype=torch.float32):
     """One layer-1 step over a cache that already holds every sequence's earlier tokens."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_blocks, layers = 96, 2
-    cache = PagedKVCache(layers, num_blocks, block_size, g, d, torch.float32, torch.device("cpu"), decode_kernel=decode_kernel)
+    cache = PagedKVCache(layers, num_blocks, block_size, g, d, dtype, torch.device("cpu"), decode_kernel=decode_kernel)
     cache.k.normal_()
     cache.v.normal_()
     free = list(range(1, num_blocks))            # block 0 pads decode tables: keep it out of real use
@@ -50,7 +50,7 @@ def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int
         spans.append((row, n, ctx, table))
         row += n
     T = row
-    q, k, v = torch.randn(T, g * r, d), torch.randn(T, g, d), torch.randn(T, g, d)
+    q, k, v = torch.randn(T, g * r, d, dtype=dtype), torch.randn(T, g, d, dtype=dtype), torch.randn(T, g, d, dtype=dtype)
     batch = AttentionBatch.build(chunks, block_size, torch.device("cpu"))
     out = paged_attention(q, k, v, cache, 1, batch)
     for start, n, ctx, table in spans:
@@ -58,7 +58,8 @@ def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int
         ks, vs = cache.k[1][:, slots].transpose(0, 1), cache.v[1][:, slots].transpose(0, 1)     # [C, g, d] (new rows written)
         assert torch.equal(ks[-n:], k[start:start + n]) and torch.equal(vs[-n:], v[start:start + n])
         want = _reference(q[start:start + n], ks, vs)
-        assert torch.allclose(out[start:start + n].double(), want, atol=2e-5, rtol=1e-4), \
+        tol = 2e-5 if dtype == torch.float32 else 2e-2        # bfloat16: the output's own rounding (2^-8)
+        assert torch.allclose(out[start:start + n].double(), want, atol=tol, rtol=tol), \
             f"sequence of {ctx} tokens ({n} new): max error {(out[start:start + n].double() - want).abs().max():.2e}"
     return cache
 
@@ -70,12 +71,20 @@ def test_paged_attention_matches_reference(decode_kernel, g, r, d, block_size):
     assert (cache.decode_kernel is not None) == decode_kernel
 
 
-def test_cpu_float32_caches_use_the_kernel_unless_turned_off(monkeypatch):
-    """The kernel builds here (CI machines have a compiler); SHUTTLE_CPU_KERNELS=0 leaves torch ops, other
-    dtypes never take it."""
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "torch"])
+def test_bfloat16_cache_matches_reference(decode_kernel):
+    """bfloat16 caches: the kernel widens each cached value to float32 as it reads it, sums in float32."""
+    cache = _run(decode_kernel, 2, 4, 64, 16, dtype=torch.bfloat16)
+    assert (cache.decode_kernel is not None) == decode_kernel
+
+
+def test_cpu_caches_use_the_kernel_unless_turned_off(monkeypatch):
+    """The kernel builds here (CI machines have a compiler) for float32 and bfloat16 caches;
+    SHUTTLE_CPU_KERNELS=0 leaves torch ops, other dtypes never take it."""
     cpu = torch.device("cpu")
     assert PagedKVCache(1, 4, 4, 1, 8, torch.float32, cpu).decode_kernel is not None
-    assert PagedKVCache(1, 4, 4, 1, 8, torch.bfloat16, cpu).decode_kernel is None
+    assert PagedKVCache(1, 4, 4, 1, 8, torch.bfloat16, cpu).decode_kernel is not None
+    assert PagedKVCache(1, 4, 4, 1, 8, torch.float16, cpu).decode_kernel is None
     monkeypatch.setattr(cpu_kernels, "_built", {})
     monkeypatch.setenv("SHUTTLE_CPU_KERNELS", "0")
     assert PagedKVCache(1, 4, 4, 1, 8, torch.float32, cpu).decode_kernel is None
@@ -85,8 +94,10 @@ def test_kernel_rejects_inputs_it_cannot_read():
     ext = cpu_kernels.cpu_kernels()
     q, kc = torch.randn(2, 1, 1, 8), torch.randn(1, 16, 8)
     blocks, lens = torch.tensor([[0], [1]]), torch.tensor([3, 4])
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
         ext.paged_decode(q.double(), kc.double(), kc.double(), blocks, lens, 8, 1.0)
+    with pytest.raises(RuntimeError, match="the same for q and both caches"):
+        ext.paged_decode(q, kc.bfloat16(), kc.bfloat16(), blocks, lens, 8, 1.0)
     with pytest.raises(RuntimeError, match="outside its block table"):
         ext.paged_decode(q, kc, kc, blocks, torch.tensor([3, 9]), 8, 1.0)
     with pytest.raises(RuntimeError, match="block id out of range"):
