@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from models import hugepages
+
 
 PREPACK_MIN_ELEMENTS = 1 << 16
 def _prepack_supported(weight: torch.Tensor) -> bool:
@@ -54,8 +56,10 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     bfloat16 [N/16, K/2, 32] (panel j, pair kk: W[16j + c, 2kk + e] at 2c + e)."""
     n, k = weight.shape
     if weight.dtype == torch.bfloat16:
-        return weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32).contiguous()
-    return weight.reshape(n // 8, 8, k).transpose(1, 2).contiguous()
+        src = weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32)
+    else:
+        src = weight.reshape(n // 8, 8, k).transpose(1, 2)
+    return hugepages.empty(tuple(src.shape), weight.dtype).copy_(src)     # streamed every step: 2 MB pages
 
 
 class Linear:
