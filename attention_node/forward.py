@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from attention_node.paged_attention import AttentionBatch, PagedKVCache, paged_attention
 from attention_node.trace import StepTrace
 from attention_node.weights import AttentionWeights, LayerWeights
+from models.cpu_kernels import for_tensor
 from models.linear import Linear
 from models.spec import ModelSpec
 from transfer.base import AttentionEndpoint
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if (kernels := for_tensor(x)) is not None:     # one call (F.rms_norm is six kernels), rounded as below
+        return kernels.rms_norm(x, weight, eps)
     if x.dtype == torch.float32:    # one fused op, bit-identical to the steps below in float32
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
@@ -70,8 +73,10 @@ class RotaryTable:
 
     @staticmethod
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, heads, d]."""
+        """x [T, heads, d] → a new [T, heads, d]."""
         cos, sin = cos_sin
+        if (kernels := for_tensor(x)) is not None:      # one call instead of six ops, rounded as below
+            return kernels.rotary(x, cos, sin)
         return x * cos + rotate_half(x) * sin
 
 

@@ -128,15 +128,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     k_cache.index_copy_(1, batch.slots, k.transpose(0, 1))
     v_cache.index_copy_(1, batch.slots, v.transpose(0, 1))
     g, d = k_cache.shape[0], k_cache.shape[2]
-    out = torch.empty_like(q)
-    if batch.decode_rows.numel():
-        B = batch.decode_rows.numel()
-        qd = q[batch.decode_rows].view(B, g, -1, d)                                  # [B, g, r, d]
+    B = batch.decode_rows.numel()
+    only_decode = B == q.shape[0]        # every row a decode token: no gather of q, no scatter of the output
+    out = None if only_decode else torch.empty_like(q)
+    if B:
+        qd = (q if only_decode else q[batch.decode_rows]).reshape(B, g, -1, d)    # [B, g, r, d]
         if cache.decode_kernel is not None:
-            od = cache.decode_kernel.paged_decode(qd, k_cache, v_cache, batch.decode_blocks, batch.decode_lens,
-                                                  cache.block_size, d ** -0.5)
+            od = cache.decode_kernel.paged_decode(qd.contiguous(), k_cache, v_cache, batch.decode_blocks,
+                                                  batch.decode_lens, cache.block_size, d ** -0.5)
         else:
             od = _gathered_decode(qd, k_cache, v_cache, cache, batch)
+        if only_decode:
+            return od.reshape(B, -1, d)
         out[batch.decode_rows] = od.reshape(B, -1, d)
     for start, n, ctx_slots, mask, bias in batch.prefills:
         kp = cache.workspace.gather("k", k_cache, ctx_slots, 1)   # [g, C, d]

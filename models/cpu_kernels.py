@@ -98,3 +98,17 @@ def cpu_kernels():
                       f"(slower at large batches): {type(e).__name__}: {str(e).strip()[-500:]}", file=sys.stderr, flush=True)
         _built["ext"] = ext
         return ext
+
+
+def for_tensor(x):
+    """The kernels where they take x (a float32 or bfloat16 CPU tensor and the kernels built), else None.
+    Cheap after the first call: the per-layer ops ask it on every call."""
+    ext = _built["ext"] if "ext" in _built else cpu_kernels()
+    if ext is None or x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES():
+        return None
+    return ext
+
+
+def _FLOAT_DTYPES():
+    import torch
+    return (torch.float32, torch.bfloat16)

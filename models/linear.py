@@ -5,7 +5,7 @@ several times slower than oneDNN with the weight prepacked once. So on CPUs with
 weights are reordered at load time (the original is dropped: no extra memory) and used through
 `torch.ops.mkldnn._linear_pointwise`; anywhere else (GPU, other dtypes, no oneDNN) it is F.linear.
 Results differ from F.linear only by summation order (~1e-6 relative).
-Small weights (< PREPACK_MIN_ELEMENTS) stay on F.linear: there the call overhead dominates and
+Small float32 weights (< PREPACK_MIN_ELEMENTS) stay on F.linear: there the call overhead dominates and
 oneDNN's is larger; from 2^16 elements on, packing wins once the weights are out of cache, as they
 are in a real step. SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
 
@@ -38,12 +38,12 @@ def _panel_kernels(weight: torch.Tensor):
     """Shuttle's CPU kernels where `panel_linear` can take this weight (float32 that could be prepacked,
     or bfloat16 on a CPU with AVX-512 BF16), else None."""
     out, inp = weight.shape
-    if weight.device.type != "cpu" or weight.numel() < PREPACK_MIN_ELEMENTS or os.environ.get("SHUTTLE_PREPACK", "1") == "0":
+    if weight.device.type != "cpu" or os.environ.get("SHUTTLE_PREPACK", "1") == "0":
         return None
-    if weight.dtype == torch.float32 and out % 8 == 0:
+    if weight.dtype == torch.float32 and out % 8 == 0 and weight.numel() >= PREPACK_MIN_ELEMENTS:
         need = "has_panel_linear"
     elif weight.dtype == torch.bfloat16 and out % 16 == 0 and inp % 2 == 0:
-        need = "has_bf16_panels"
+        need = "has_bf16_panels"       # any size: torch's bfloat16 F.linear takes ~45 µs even for a router
     else:
         return None
     from models.cpu_kernels import cpu_kernels
