@@ -112,11 +112,11 @@ class AttentionForward:
         h = self.w.embed[input_ids]                                       # [T, H]
         cos_sin = self.rotary.at(batch.positions)
         for layer, lw in enumerate(self.w.layers):
-            if h.shape[0]:
-                h = h + self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin)
+            if h.shape[0]:      # h is this program's own tensor (the embedding lookup made it): added in place
+                h.add_(self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin))
             x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
             if lw.router is None:
-                h = h + swiglu(x, lw.ffn_up, lw.ffn_down)
+                h.add_(swiglu(x, lw.ffn_up, lw.ffn_down))
                 continue
             ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
             if lw.ffn_up is None:
@@ -128,7 +128,7 @@ class AttentionForward:
                 trace.compute_ends(layer, micro_batch)
             yield
             routed = trace.wait(layer, micro_batch, lambda: self.transfer.combine_wait(handle))
-            h = h + routed if shared is None else h + (routed + shared)
+            h.add_(routed if shared is None else routed + shared)
         trace.compute_ends(-1, micro_batch)
         return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
 

@@ -1,5 +1,7 @@
-"""The CPU kernels for RMSNorm and rotary embeddings against the torch formulas Hugging Face uses,
-float32 and bfloat16 (rounded where the HF modules round), and the forward pass choosing them."""
+"""The small CPU kernels against what they replace: RMSNorm and rotary embeddings against the torch
+formulas Hugging Face uses (float32 and bfloat16, rounded where the HF modules round), the greedy
+row maximum against torch's amax/argmax (NaN, infinities, ties), the KV cache write against
+index_copy_; and the callers choosing them."""
 
 from __future__ import annotations
 
@@ -75,3 +77,50 @@ def test_other_dtypes_keep_torch_ops():
     x, w = torch.randn(4, 16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
     assert cpu_kernels.for_tensor(x) is None
     torch.testing.assert_close(forward.rms_norm(x, w, 1e-6), hf_rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("V", [1, 15, 32000])
+def test_row_max_is_torchs_amax_and_argmax(V):
+    torch.manual_seed(V)
+    x = torch.randn(8, V)
+    x[1, V // 2] = float("nan")                       # NaN wins, the first one
+    x[1, V - 1] = float("nan")
+    x[2] = float("-inf")                              # nothing finite: index 0
+    x[3, V - 1] = float("inf")
+    x[3, 0] = float("inf")                            # +inf twice: the first
+    x[4, :] = 0.0
+    x[4, V // 3] = -0.0                               # equal zeros: the first
+    x[5, V - 1] = x[5].max() + 1
+    x[6, 0] = x[6].max()                              # a tie with a later entry: the first
+    values, index = cpu_kernels.cpu_kernels().row_max(x)
+    assert index.tolist() == x.argmax(-1).tolist()
+    torch.testing.assert_close(values, x.amax(-1), equal_nan=True)
+
+
+def test_sampler_takes_the_kernel_for_float32_logits():
+    from attention_node import sampler
+    x = torch.randn(3, 100)
+    assert cpu_kernels.for_tensor(x) is not None
+    top, ids = sampler._row_max(x)
+    assert ids.tolist() == x.argmax(-1).tolist() and torch.equal(top, x.amax(-1))
+    with pytest.raises(RuntimeError, match="row_max: expected contiguous float32"):
+        cpu_kernels.cpu_kernels().row_max(x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_is_index_copy(dtype):
+    """k and v come as views of the fused projection (token strides spanning other heads)."""
+    torch.manual_seed(0)
+    g, S, d, T = 2, 64, 16, 5
+    caches = [torch.randn(g, S, d).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    qkv = torch.randn(T, (8 + 2 * g) * d).to(dtype)
+    k = qkv[:, 8 * d:(8 + g) * d].view(T, g, d)
+    v = qkv[:, (8 + g) * d:].view(T, g, d)
+    slots = torch.tensor([3, 60, 0, 17, 33])
+    cpu_kernels.cpu_kernels().kv_write(caches[0], caches[1], slots, k, v)
+    caches[2].index_copy_(1, slots, k.transpose(0, 1))
+    caches[3].index_copy_(1, slots, v.transpose(0, 1))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(RuntimeError, match="slot 64 out of range for 64"):
+        cpu_kernels.cpu_kernels().kv_write(caches[0], caches[1], torch.tensor([1, 2, 3, 4, 64]), k, v)
