@@ -526,41 +526,58 @@ inline void store16(c10::BFloat16* y, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
 
-// M rows × 16 columns of bfloat16 panel p (K/2 pairs), float32 sums, stored as Y.
-template <int M, typename Y>
+// M rows × 16 columns of bfloat16 panel p (K/2 pairs), float32 sums, stored as Y; k pairs unrolled
+// U times into U sets of sums where few rows would leave the dot product's latency exposed (as in
+// the float32 tile).
+template <int M, int U, typename Y>
 __attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict__ x, int64_t K,
                                                      const uint16_t* __restrict__ p, Y* __restrict__ y, int64_t ldy) {
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
   const int64_t K2 = K / 2;
-  for (int64_t kk = 0; kk < K2; ++kk) {
-    prefetch_ahead(p + kk * 32);
+  int64_t kk = 0;
+  for (; kk + U <= K2; kk += U)
+    for (int u = 0; u < U; ++u) {
+      prefetch_ahead(p + (kk + u) * 32);
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + (kk + u) * 32));
+      for (int m = 0; m < M; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + m * K + 2 * (kk + u), sizeof(pair));
+        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
+      }
+    }
+  for (; kk < K2; ++kk) {
     const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + kk * 32));
     for (int m = 0; m < M; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * K + 2 * kk, sizeof(pair));
-      acc[m] = _mm512_dpbf16_ps(acc[m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
+      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
     }
   }
-  for (int m = 0; m < M; ++m) store16(y + m * ldy, acc[m]);
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+    store16(y + m * ldy, sum);
+  }
 }
 
 template <typename Y>
 __attribute__((always_inline)) inline void bf16_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* p,
                                                      Y* y, int64_t ldy) {
-  switch (rows) {
-    case 12: bf16_tile<12>(x, K, p, y, ldy); break;
-    case 11: bf16_tile<11>(x, K, p, y, ldy); break;
-    case 10: bf16_tile<10>(x, K, p, y, ldy); break;
-    case 9: bf16_tile<9>(x, K, p, y, ldy); break;
-    case 8: bf16_tile<8>(x, K, p, y, ldy); break;
-    case 7: bf16_tile<7>(x, K, p, y, ldy); break;
-    case 6: bf16_tile<6>(x, K, p, y, ldy); break;
-    case 5: bf16_tile<5>(x, K, p, y, ldy); break;
-    case 4: bf16_tile<4>(x, K, p, y, ldy); break;
-    case 3: bf16_tile<3>(x, K, p, y, ldy); break;
-    case 2: bf16_tile<2>(x, K, p, y, ldy); break;
-    default: bf16_tile<1>(x, K, p, y, ldy);
+  switch (rows) {       // U: at least 8 independent sums
+    case 12: bf16_tile<12, 1>(x, K, p, y, ldy); break;
+    case 11: bf16_tile<11, 1>(x, K, p, y, ldy); break;
+    case 10: bf16_tile<10, 1>(x, K, p, y, ldy); break;
+    case 9: bf16_tile<9, 1>(x, K, p, y, ldy); break;
+    case 8: bf16_tile<8, 1>(x, K, p, y, ldy); break;
+    case 7: bf16_tile<7, 2>(x, K, p, y, ldy); break;
+    case 6: bf16_tile<6, 2>(x, K, p, y, ldy); break;
+    case 5: bf16_tile<5, 2>(x, K, p, y, ldy); break;
+    case 4: bf16_tile<4, 2>(x, K, p, y, ldy); break;
+    case 3: bf16_tile<3, 4>(x, K, p, y, ldy); break;
+    case 2: bf16_tile<2, 4>(x, K, p, y, ldy); break;
+    default: bf16_tile<1, 8>(x, K, p, y, ldy);
   }
 }
 
