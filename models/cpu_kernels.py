@@ -1,24 +1,31 @@
-"""Shuttle's CPU kernels (csrc/cpu_kernels.cpp, float32), built once per machine on first use.
+"""Shuttle's CPU kernels (csrc/cpu_kernels.cpp, float32 and bfloat16), built once per machine on first use.
 
-Two places where torch's own CPU ops measured far from what the machine can do:
+Places where torch's own CPU ops measured far from what the machine can do:
 
 - Decode attention from a paged cache: torch ops must first gather every context into a padded
   copy; at 64 sequences that gather (a write, then a second read of all of it, padding included)
   was most of the attention rank's time in a decode step. `paged_decode` walks each sequence's
-  block table and reads each cached row once, up to that sequence's length.
+  block table and reads each cached row once, up to that sequence's length (float32 or bfloat16
+  caches; sums in float32). `kv_write` puts a step's new K and V rows into the cache.
 - Few-row matrix products (decode and chunked prefill: 1-256 rows per expert), where oneDNN's
-  prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a weight in 8-column panels; up to 8 rows run as one register
-  tile per panel (one pass over the weight, which bounds the speed there), more rows as tiles of up
-  to 6 rows over two neighbouring panels (12 accumulators: enough to hide the FMA latency).
-  `grouped_panel_linear` runs a layer's experts, each on its own rows, in one parallel region
-  (expert_node/experts.py). Measurements of both against torch: docs/performance.md.
+  prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a float32
+  weight in 8-column panels: up to 8 rows run as one register tile per panel (one pass over the
+  weight), more rows as tiles of up to 6 rows over two neighbouring panels. bfloat16 weights, where
+  the CPU has AVX-512 BF16, are kept in 16-column panels of k pairs that `vdpbf16ps` multiplies as
+  they lie (half the bytes, twice the products per instruction). `grouped_panel_linear` runs a
+  layer's experts, each on its own rows, in one parallel region; `moe_ffn` is a whole expert layer
+  in one call (expert_node/experts.py).
+- Small per-layer ops at decode sizes, where torch's dispatch costs more than the work: `rms_norm`,
+  `rotary` (each rounding as the Hugging Face modules do), and the sampler's greedy pick `row_max`.
+
+Measurements of each against torch: docs/performance.md.
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
-their own torch builds), so they are ~300 lines of C++ built by `torch.utils.cpp_extension`, which
+their own torch builds), so they are ~900 lines of C++ built by `torch.utils.cpp_extension`, which
 rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
-The build needs a C++ compiler and takes ~16 s the first time; it is compiled for the machine it
+The build needs a C++ compiler and takes ~20 s the first time; it is compiled for the machine it
 runs on (-march=native; the build's folder names the CPU's feature flags, so a shared home
 directory never hands one node another's binary). Where it cannot be built, or with
 SHUTTLE_CPU_KERNELS=0, attention and linear layers use torch ops (oneDNN), and say so once.
@@ -83,9 +90,9 @@ def _build():
 
 
 def cpu_kernels():
-    """The built extension (`.paged_decode(q, k_cache, v_cache, blocks, lens, block_size, scale)`,
-    `.panel_linear(x, panels)`, `.grouped_panel_linear(x, counts, panels, reverse)`, `.has_panel_linear()`), or None where it is turned off or cannot be built
-    (then the reason is printed once)."""
+    """The built extension (`.paged_decode`, `.kv_write`, `.panel_linear`, `.grouped_panel_linear`, `.moe_ffn`,
+    `.rms_norm`, `.rotary`, `.row_max`, `.has_panel_linear()`, `.has_bf16_panels()`), or None where it is
+    turned off or cannot be built (then the reason is printed once)."""
     with _lock:
         if "ext" in _built:
             return _built["ext"]
