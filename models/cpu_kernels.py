@@ -1,4 +1,4 @@
-"""Shuttle's CPU kernels (csrc/cpu_kernels.cpp, float32 and bfloat16), built once per machine on first use.
+"""Shuttle's CPU kernels (csrc/, float32 and bfloat16), built once per machine on first use.
 
 Places where torch's own CPU ops measured far from what the machine can do:
 
@@ -42,7 +42,8 @@ import threading
 _lock = threading.Lock()
 _built: dict = {}            # "ext" → the extension module, or None where it is unavailable
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "module.cpp")]
 # Vectorised float reductions need reassociation; these allow that and nothing that changes how
 # infinities or NaNs behave (unlike -ffast-math).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
@@ -85,7 +86,10 @@ def _build():
             pass
         if not os.path.exists(os.path.join(folder, "shuttle_cpu_kernels.so")):
             print(f"[shuttle] building the CPU kernels into {folder} (once per machine, ~15-30 s)", file=sys.stderr, flush=True)
-        return load(name="shuttle_cpu_kernels", sources=[SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        # torch rebuilds when a source or a flag changes, not a header: the header's hash rides in a flag
+        with open(os.path.join(CSRC, "kernels.h"), "rb") as f:
+            header = "-DSHUTTLE_KERNELS_H=" + hashlib.sha1(f.read()).hexdigest()[:12]
+        return load(name="shuttle_cpu_kernels", sources=SOURCES, extra_include_paths=[CSRC], extra_cflags=CFLAGS + [header], extra_ldflags=["-fopenmp"],
                     build_directory=folder, verbose=False)
 
 

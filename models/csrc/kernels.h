@@ -1,0 +1,51 @@
+// Shuttle's CPU kernels (float32 and bfloat16): what each source file defines, and the headers they
+// share. Built on first use by torch.utils.cpp_extension (models/cpu_kernels.py, which says why each
+// kernel exists; docs/performance.md has what each measured):
+//  - attention.cpp: paged_decode (decode attention straight from the paged KV cache) and kv_write;
+//  - small_ops.cpp: rms_norm, rotary, row_max (per-layer ops too small for torch's dispatch);
+//  - panels.cpp: panel_linear, grouped_panel_linear and moe_ffn (few-row matrix products on weights
+//    packed into column panels: float32 with AVX2 FMA, bfloat16 with AVX-512 BF16);
+//  - module.cpp: the Python module.
+#pragma once
+
+// The few headers used, not <torch/extension.h> (all of torch's C++ API): a build takes ~20 s
+// instead of ~40 on the 2-core VM.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/BFloat16.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// attention.cpp
+at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor blocks, at::Tensor lens,
+                        int64_t block_size, double scale);
+void kv_write(at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tensor k, at::Tensor v);
+// small_ops.cpp
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor rotary(at::Tensor x, at::Tensor cos, at::Tensor sin);
+std::tuple<at::Tensor, at::Tensor> row_max(at::Tensor x);
+// panels.cpp
+bool has_panel_linear();
+bool has_bf16_panels();
+at::Tensor panel_linear(at::Tensor x, at::Tensor panels);
+at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels, bool reverse);
+std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
+                                           std::vector<at::Tensor> down, bool reverse);

@@ -1,0 +1,20 @@
+// The Python module of Shuttle's CPU kernels (kernels.h lists the files).
+
+#include <torch/csrc/utils/pybind.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU, float32 or bfloat16)");
+  m.def("panel_linear", &panel_linear, "x · Wᵀ for a weight packed into column panels (CPU, float32 or bfloat16)");
+  m.def("grouped_panel_linear", &grouped_panel_linear,
+        "row blocks of x times their own panel-packed weights, all in one parallel region (CPU)");
+  m.def("moe_ffn", &moe_ffn, "one expert rank's whole expert layer: group by expert, up, SiLU·up, down, weighted sum "
+        "per token (CPU, float32 or bfloat16)");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, rounded as Hugging Face's (CPU, float32 or bfloat16)");
+  m.def("rotary", &rotary, "rotary position embedding, rotate_half convention (CPU, float32 or bfloat16)");
+  m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
+  m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
+  m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
+  m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");
+}
