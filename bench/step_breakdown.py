@@ -182,7 +182,7 @@ def plot(results: list[str], png: str) -> None:
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("ms per decode step")
     ax.set_ylim(0, 1.15 * max(sum(r["phases_ms"].values()) for _, rows in runs for r in rows))
-    ax.set_title("Where a decode step goes (bench model, fp32, 2 cores; colocated ranks, compute only)")
+    ax.set_title("Where a decode step goes (bench model, 2 cores; colocated ranks, compute only)")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
