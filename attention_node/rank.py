@@ -8,6 +8,7 @@ ping-pong executor and samples one token for every chunk that ends its known tok
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -62,18 +63,34 @@ class AttentionRank:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
+        """Run the plan's micro-batches and sample; with `plan.decode_steps` > 1 (every chunk one decode
+        token), that many times, each pass feeding the tokens the one before sampled."""
         for request_id in plan.released:
             self.params.pop(request_id, None)
             self.last_sampled.pop(request_id, None)
         for new in plan.new_requests:
             self.params[new.request_id] = new.sampling
         trace = StepTrace(self.rank, plan.step, keep_spans=plan.trace)
+        timings = {"prepare": 0.0, "forward": 0.0, "combine_wait": 0.0, "lm_head_sample": 0.0}
+        tokens: list[SampledToken] = []
+        micro_batches = plan.micro_batches
+        for k in range(plan.decode_steps):
+            if k:
+                micro_batches = [[replace(c, token_ids=[PENDING_TOKEN], start_pos=c.start_pos + 1,
+                                          output_index=c.output_index + 1) for c in chunks] for chunks in micro_batches]
+            tokens += self._pass(plan, micro_batches, trace, timings)
+        timings["combine_wait"] = trace.wait_s
+        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace.events)
+
+    def _pass(self, plan: StepPlan, micro_batches: list[list[SeqChunk]], trace: StepTrace,
+              timings: dict[str, float]) -> list[SampledToken]:
+        """One forward pass of these micro-batches, then the LM head and sampling of their sampled rows."""
+        t0 = time.perf_counter()
         programs, sampled = [], []
         if self.threads is not None:
-            tokens = sum(len(c.token_ids) for chunks in plan.micro_batches for c in chunks)
+            tokens = sum(len(c.token_ids) for chunks in micro_batches for c in chunks)
             torch.set_num_threads(self.threads[0] if tokens <= SMALL_STEP_TOKENS else self.threads[1])
-        for j, chunks in enumerate(plan.micro_batches):
+        for j, chunks in enumerate(micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
             input_ids = torch.tensor([t for c in chunks for t in self._tokens(c)], dtype=torch.long, device=self.device)
             programs.append(self.forward.program(plan.step, j, input_ids, batch, trace))
@@ -96,8 +113,9 @@ class AttentionRank:
             self.last_sampled.update((c.request_id, t) for c, t in zip(chunks, ids))
         trace.lm_head(t_wall)
         t3 = time.perf_counter()
-        timings = {"prepare": t1 - t0, "forward": t2 - t1, "combine_wait": trace.wait_s, "lm_head_sample": t3 - t2}
-        return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace.events)
+        for name, dt in (("prepare", t1 - t0), ("forward", t2 - t1), ("lm_head_sample", t3 - t2)):
+            timings[name] += dt
+        return tokens
 
     def close(self) -> None:
         """Tell the expert ranks this rank is done and leave the data plane."""

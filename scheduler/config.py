@@ -49,10 +49,17 @@ class EngineConfig:
     schedule_ahead: int = _opt(1, "steps the head schedules ahead of the results it has (1: overlap its work with the "
                                   "ranks'; a request that stops on EOS or a stop token computes one extra token; 0: off)",
                                choices=(0, 1))
+    # >1: when every running request is decoding and none waits, one rank call runs several decode
+    # steps, the attention ranks feeding back the tokens they sample (as they do for a step scheduled
+    # ahead): the head's per-step work and the Ray call are paid once per call (docs/performance.md).
+    decode_steps: int = _opt(1, "decode steps per rank call while every running request decodes and none waits "
+                                "(the ranks feed back their own tokens; streams get tokens in bursts of up to this "
+                                "many; a request that stops on EOS or a stop token computes up to this many - 1 "
+                                "tokens for nothing, twice that with schedule-ahead; 1: off)")
 
     def __post_init__(self) -> None:
         for name in ("attention_ranks", "expert_ranks", "micro_batches", "block_size", "max_num_seqs",
-                     "max_batch_tokens", "max_queue"):
+                     "max_batch_tokens", "max_queue", "decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

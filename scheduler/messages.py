@@ -47,6 +47,9 @@ class StepPlan:
     released: list[str] = field(default_factory=list)
     return_logits: bool = False           # tests: send back the logits each sampled token came from
     trace: bool = False                   # record TraceEvents for this step (timelines)
+    # >1 (only when every chunk is a decode token): run that many decode steps, each feeding the
+    # tokens just sampled; every request's tokens come back in order, `decode_steps` of them
+    decode_steps: int = 1
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,10 @@ class Scheduler:
             return None
         self.step_id += 1
         m = step_micro_batches([len(c) for c in per_rank], self.config.micro_batches)
+        steps = self._decode_steps(per_rank) if m == 1 else 1
         plans = [StepPlan(step=self.step_id, micro_batches=split_micro_batches(per_rank[r], m),
                           new_requests=self._new[r], released=self._released[r], return_logits=return_logits,
-                          trace=trace)
+                          trace=trace, decode_steps=steps)
                  for r in range(len(self.pools))]
         self._new = [[] for _ in self.pools]
         self._released = [[] for _ in self.pools]
@@ -131,6 +132,28 @@ class Scheduler:
             chunks.append(self._chunk(req, n))
             budgets[r] -= n
             i += 1
+
+    def _decode_steps(self, per_rank: list[list[SeqChunk]]) -> int:
+        """How many decode steps this step's one rank call runs (`decode_steps`): more than one only when
+        every chunk is one decode token and nobody waits, and no more than any request's length limit
+        leaves; the extra tokens' KV blocks are reserved here, and the chunks' block tables with them."""
+        want = self.config.decode_steps
+        chunks = [c for cs in per_rank for c in cs]
+        if want <= 1 or self.waiting or not chunks or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
+            return 1
+        reqs = [self.requests[c.request_id] for c in chunks]
+        room = min(min(req.sampling.max_tokens, self.limits.max_model_len - len(req.prompt_token_ids))
+                   - len(req.output_token_ids) - len(req.sample_steps) for req in reqs)
+        steps = min(want, 1 + room)
+        if steps <= 1 or not all(self.pools[req.rank].grow(req.block_ids, req.num_computed + steps - 1) for req in reqs):
+            return 1            # (blocks a partial growth took stay with their requests: they need them next)
+        for cs in per_rank:
+            for i, c in enumerate(cs):
+                req = self.requests[c.request_id]
+                req.num_computed += steps - 1
+                req.sample_steps += [self.step_id] * (steps - 1)
+                cs[i] = replace(c, block_table=list(req.block_ids))
+        return steps
 
     def _admit(self, per_rank: list[list[SeqChunk]], budgets: list[int]) -> None:
         while self.waiting:

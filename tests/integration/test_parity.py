@@ -33,10 +33,13 @@ def run(model_dir, shape, **extra):
     a, e, m = shape
     config = EngineConfig(attention_ranks=a, expert_ranks=e, micro_batches=m, max_batch_tokens=48, **extra)
     dep = Deployment.start(model_dir, config)
+    launched = dep.launch
+    dep.launch = lambda plans: (dep.decode_steps_run.append(plans[0].decode_steps), launched(plans))[1]
+    dep.decode_steps_run = []
     try:
         engine = Engine(config, dep.limits, dep, return_logits=True)
         out = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
-        return out, dep.health()
+        return out, dep.health() + [{"decode_steps_run": dep.decode_steps_run}]
     finally:
         dep.shutdown()
 
@@ -71,6 +74,20 @@ def test_colocated_ranks_match_hugging_face(ray_session, tiny_model, references,
     ref_tokens, ref_logits = references(family)
     out, health = run(tiny_model(family), shape, colocate=True)
     assert health[0]["colocated_expert_ranks"] == shape[1]
+    for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
+        assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
+        assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4, f"prompt {i}: logits differ"
+
+
+@pytest.mark.parametrize("family,shape,colocate", [("mixtral", (1, 1, 1), True), ("qwen3_moe", (1, 2, 1), False)],
+                         ids=lambda v: v if isinstance(v, str) else ("A%dE%dM%d" % v if isinstance(v, tuple) else
+                                                                     ("colocated" if v else "ranks")))
+def test_several_decode_steps_per_call_match_hugging_face(ray_session, tiny_model, references, family, shape, colocate):
+    """decode_steps 4: once every prompt is decoding, each rank call runs 4 steps, the attention rank
+    feeding back its own tokens (positions, KV slots and sampling indices advanced on the rank)."""
+    ref_tokens, ref_logits = references(family)
+    out, health = run(tiny_model(family), shape, colocate=colocate, decode_steps=4)
+    assert 4 in health[-1]["decode_steps_run"]
     for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
         assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
         assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4, f"prompt {i}: logits differ"

@@ -54,10 +54,11 @@ class FakeRanks(InProcessRanks):
         for rank, plan in enumerate(plans):
             self.released += plan.released
             tokens = []
-            for c in (c for mb in plan.micro_batches for c in mb if c.sample):
-                last = self.last[c.request_id] if c.token_ids[-1] == PENDING_TOKEN else c.token_ids[-1]
-                tokens.append(SampledToken(c.request_id, fake_token(last, c.context_len), -0.5))
-                self.last[c.request_id] = tokens[-1].token_id
+            for k in range(plan.decode_steps):          # more than one: each pass feeds the last one's tokens
+                for c in (c for mb in plan.micro_batches for c in mb if c.sample):
+                    last = self.last[c.request_id] if k or c.token_ids[-1] == PENDING_TOKEN else c.token_ids[-1]
+                    tokens.append(SampledToken(c.request_id, fake_token(last, c.context_len + k), -0.5))
+                    self.last[c.request_id] = tokens[-1].token_id
             results.append(StepResult(plan.step, rank, tokens))
         return results
 

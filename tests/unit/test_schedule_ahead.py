@@ -20,13 +20,15 @@ class CountingRanks(FakeRanks):
         super().__init__()
         self.samples: dict[str, int] = {}
         self.pending_fed = 0
+        self.multi_step = 0          # plans that ran more than one decode step
 
     def run_step(self, plans):
         for plan in plans:
+            self.multi_step += plan.decode_steps > 1
             for c in (c for mb in plan.micro_batches for c in mb):
                 self.pending_fed += c.token_ids[-1] == PENDING_TOKEN
                 if c.sample:
-                    self.samples[c.request_id] = self.samples.get(c.request_id, 0) + 1
+                    self.samples[c.request_id] = self.samples.get(c.request_id, 0) + plan.decode_steps
         return super().run_step(plans)
 
 
@@ -109,3 +111,48 @@ def test_abort_lands_while_a_step_is_ahead():
             tokens += o.new_token_ids
     got = 2 + len(tokens)  # b got a token in each of the first two steps
     assert got == 4 and eng.scheduler.kv_usage()[0][0] == 0
+
+
+def test_several_decode_steps_per_call_give_the_same_outputs():
+    """decode_steps > 1: once every running request decodes and none waits, one call runs several
+    steps, the ranks feeding back their own tokens; tokens, finish reasons (EOS, stop token, length),
+    the KV blocks returned, all as one step per call, with and without scheduling ahead. The price is
+    bounded: a request that stops on EOS or a stop token ran at most decode_steps - 1 samples more
+    (with scheduling ahead, the call in flight behind it too: 2 · decode_steps - 1), never past its
+    length limit."""
+    ref = [expected_tokens(p, 12 + i) for i, p in enumerate(PROMPTS)]
+    eos = ref[1][4]
+    stop = ref[3][2]
+    params = [SamplingParams(max_tokens=12 + i, stop_token_ids=(stop,) if i == 3 else ()) for i in range(len(PROMPTS))]
+    params[5] = SamplingParams(max_tokens=17, ignore_eos=True)
+    base, base_eng = generate(0, eos=(eos,), params=params, max_batch_tokens=8)
+    want = [(c.token_ids, c.finish_reason) for c in base]
+    for ahead in (0, 1):
+        for steps in (2, 4, 8):
+            out, eng = generate(ahead, eos=(eos,), params=params, max_batch_tokens=8, decode_steps=steps)
+            assert [(c.token_ids, c.finish_reason) for c in out] == want, f"ahead {ahead}, {steps} steps"
+            assert eng.ranks.multi_step > 0
+            assert not eng.has_work() and all(used == 0 for used, _ in eng.scheduler.kv_usage())
+            extra = [eng.ranks.samples[a.request_id] - base_eng.ranks.samples[b.request_id] for a, b in zip(out, base)]
+            assert all(0 <= e <= steps - 1 + ahead * steps for e in extra), extra
+            assert extra[5] == 0          # a length limit is known in advance: nothing past it
+
+
+def test_decode_steps_wait_for_prefills_and_admissions():
+    """A plan runs several decode steps only when every chunk is a decode token and nobody waits."""
+    eng = fake_engine(schedule_ahead=0, attention_ranks=1, decode_steps=4, max_batch_tokens=64)
+    s = eng.scheduler
+    s.add("a", [5, 6, 7], SamplingParams(max_tokens=10))
+    first = s.schedule()                           # a prefill
+    assert first[0].decode_steps == 1
+    s.update(eng.ranks.run_step(first))
+    s.add("b", [1, 2], SamplingParams(max_tokens=3))
+    second = s.schedule()                          # a decode, and b's prefill: one step
+    assert second[0].decode_steps == 1
+    s.update(eng.ranks.run_step(second))
+    third = s.schedule()                           # both decode, nobody waits: up to b's length limit
+    assert third[0].decode_steps == 2
+    outs = s.update(eng.ranks.run_step(third))
+    assert [o.request_id for o in outs] == ["a", "b", "a", "b"] and outs[-1].finish_reason is FinishReason.LENGTH
+    fourth = s.schedule()
+    assert fourth[0].decode_steps == 4 and len(fourth[0].micro_batches[0]) == 1
