@@ -115,11 +115,11 @@ def for_tensor(x):
     """The kernels where they take x (a float32 or bfloat16 CPU tensor and the kernels built), else None.
     Cheap after the first call: the per-layer ops ask it on every call."""
     ext = _built["ext"] if "ext" in _built else cpu_kernels()
-    if ext is None or x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES():
+    if ext is None or x.device.type != "cpu" or x.dtype not in _float_dtypes():
         return None
     return ext
 
 
-def _FLOAT_DTYPES():
+def _float_dtypes():
     import torch
     return (torch.float32, torch.bfloat16)
