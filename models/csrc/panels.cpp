@@ -146,27 +146,28 @@ struct F32 {
   static constexpr int64_t kCols = 8;
   static constexpr int64_t kUnitRows = 8;   // more rows than this: units of two panels
   static double cost(int64_t rows) { return 6.0 + rows; }   // a panel's stream ≈ 6 rows of FMAs
-  // x with each row block of up to 8 rows [counts[w], K] transposed into [K, counts[w]] (panel_unit
-  // reads blocks of ≤ 8 rows so), bigger blocks copied as they are.
-  static const X* pack(const X* x, int64_t K, const std::vector<int64_t>& counts, const std::vector<int64_t>& first,
-                       std::vector<X>& buffer) {
+  // Where each weight's row block [counts[w], K] of x is read from: blocks of up to 8 rows transposed
+  // into [K, counts[w]] in `buffer` (panel_unit reads them so), bigger blocks in place.
+  static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
+                                      const std::vector<int64_t>& first, std::vector<X>& buffer) {
+    std::vector<const X*> at(counts.size());
+    for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
     bool any = false;
     for (int64_t c : counts) any = any || (c > 0 && c <= 8);
-    if (!any) return x;
+    if (!any) return at;
     buffer.resize(first.back() * K);
     at::parallel_for(0, counts.size(), 1, [&](int64_t b, int64_t e) {
       for (int64_t w = b; w < e; ++w) {
         const int64_t M = counts[w];
+        if (M == 0 || M > 8) continue;
         const X* src = x + first[w] * K;
         X* dst = buffer.data() + first[w] * K;
-        if (M > 8)
-          std::copy(src, src + M * K, dst);
-        else
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t k = 0; k < K; ++k) dst[k * M + m] = src[m * K + k];
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) dst[k * M + m] = src[m * K + k];
+        at[w] = dst;
       }
     });
-    return buffer.data();
+    return at;
   }
   static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy) {
     panel_unit(x, M, K, panels, j, pair, y, ldy);
@@ -247,8 +248,11 @@ struct BF16 {
   static constexpr int64_t kCols = 16;
   static constexpr int64_t kUnitRows = std::numeric_limits<int64_t>::max();   // never pairs
   static double cost(int64_t rows) { return 6.0 + 0.5 * rows; }   // the same bytes per panel, half the cycles per row
-  static const X* pack(const X* x, int64_t, const std::vector<int64_t>&, const std::vector<int64_t>&, std::vector<X>&) {
-    return x;     // rows as they are: each k pair of a row is one 32-bit broadcast
+  static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
+                                      const std::vector<int64_t>& first, std::vector<X>&) {
+    std::vector<const X*> at(counts.size());   // rows as they are: each k pair of a row is one 32-bit broadcast
+    for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
+    return at;
   }
   template <typename Y>
   static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool, Y* y, int64_t ldy) {
@@ -358,7 +362,7 @@ void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<
   }
   if (units.empty()) return;
   std::vector<typename F::X> packed;
-  xp = F::pack(xp, K, counts, first, packed);
+  const auto xw = F::blocks(xp, K, counts, first, packed);
   // The calling thread's own OpenMP thread count, not at::get_num_threads(): that one is the last
   // count any thread of the process set, and a colocated process has ranks on several threads.
 #ifdef _OPENMP
@@ -372,8 +376,7 @@ void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = bound(begin); u < bound(end); ++u) {
       const Unit& n = units[u];
-      F::unit(xp + first[n.weight] * K, counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy,
-              ldy);
+      F::unit(xw[n.weight], counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy, ldy);
     }
   });
 }

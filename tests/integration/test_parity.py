@@ -33,13 +33,10 @@ def run(model_dir, shape, **extra):
     a, e, m = shape
     config = EngineConfig(attention_ranks=a, expert_ranks=e, micro_batches=m, max_batch_tokens=48, **extra)
     dep = Deployment.start(model_dir, config)
-    launched = dep.launch
-    dep.launch = lambda plans: (dep.decode_steps_run.append(plans[0].decode_steps), launched(plans))[1]
-    dep.decode_steps_run = []
     try:
         engine = Engine(config, dep.limits, dep, return_logits=True)
         out = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS))
-        return out, dep.health() + [{"decode_steps_run": dep.decode_steps_run}]
+        return out, dep.health()
     finally:
         dep.shutdown()
 
@@ -86,8 +83,12 @@ def test_several_decode_steps_per_call_match_hugging_face(ray_session, tiny_mode
     """decode_steps 4: once every prompt is decoding, each rank call runs 4 steps, the attention rank
     feeding back its own tokens (positions, KV slots and sampling indices advanced on the rank)."""
     ref_tokens, ref_logits = references(family)
-    out, health = run(tiny_model(family), shape, colocate=colocate, decode_steps=4)
-    assert 4 in health[-1]["decode_steps_run"]
+    launched = []
+    real = Deployment.launch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Deployment, "launch", lambda self, plans: (launched.append(plans[0].decode_steps), real(self, plans))[1])
+        out, _ = run(tiny_model(family), shape, colocate=colocate, decode_steps=4)
+    assert 4 in launched
     for i, (c, tokens, logits) in enumerate(zip(out, ref_tokens, ref_logits)):
         assert c.token_ids == tokens, f"prompt {i}: tokens differ from transformers"
         assert (torch.tensor(c.logits) - logits).abs().max().item() <= 1e-4, f"prompt {i}: logits differ"
