@@ -9,8 +9,9 @@ Places where torch's own CPU ops measured far from what the machine can do:
   caches; sums in float32). `kv_write` puts a step's new K and V rows into the cache.
 - Few-row matrix products (decode and chunked prefill: 1-256 rows per expert), where oneDNN's
   prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a float32
-  weight in 8-column panels: up to 8 rows run as one register tile per panel (one pass over the
-  weight), more rows as tiles of up to 6 rows over two neighbouring panels. bfloat16 weights, where
+  weight in 16-column panels (one AVX-512 register; 8 columns where the CPU has only AVX2): few
+  rows run as one register tile per panel or pair of panels (one pass over the weight), more rows
+  as tiles of up to 12 over two neighbouring panels. bfloat16 weights, where
   the CPU has AVX-512 BF16, are kept in 16-column panels of k pairs that `vdpbf16ps` multiplies as
   they lie (half the bytes, twice the products per instruction). `grouped_panel_linear` runs a
   layer's experts, each on its own rows, in one parallel region; `moe_ffn` is a whole expert layer
@@ -21,7 +22,7 @@ Places where torch's own CPU ops measured far from what the machine can do:
 Measurements of each against torch: docs/performance.md.
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
-their own torch builds), so they are ~900 lines of C++ built by `torch.utils.cpp_extension`, which
+their own torch builds), so they are ~1100 lines of C++ built by `torch.utils.cpp_extension`, which
 rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
@@ -44,6 +45,7 @@ _built: dict = {}            # "ext" → the extension module, or None where it 
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "module.cpp")]
+HEADERS = ("kernels.h", "tiles.h")
 # Vectorised float reductions need reassociation; these allow that and nothing that changes how
 # infinities or NaNs behave (unlike -ffast-math).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
@@ -86,16 +88,19 @@ def _build():
             pass
         if not os.path.exists(os.path.join(folder, "shuttle_cpu_kernels.so")):
             print(f"[shuttle] building the CPU kernels into {folder} (once per machine, ~15-30 s)", file=sys.stderr, flush=True)
-        # torch rebuilds when a source or a flag changes, not a header: the header's hash rides in a flag
-        with open(os.path.join(CSRC, "kernels.h"), "rb") as f:
-            header = "-DSHUTTLE_KERNELS_H=" + hashlib.sha1(f.read()).hexdigest()[:12]
+        # torch rebuilds when a source or a flag changes, not a header: the headers' hash rides in a flag
+        digest = hashlib.sha1()
+        for name in HEADERS:
+            with open(os.path.join(CSRC, name), "rb") as f:
+                digest.update(f.read())
+        header = "-DSHUTTLE_KERNELS_H=" + digest.hexdigest()[:12]
         return load(name="shuttle_cpu_kernels", sources=SOURCES, extra_include_paths=[CSRC], extra_cflags=CFLAGS + [header], extra_ldflags=["-fopenmp"],
                     build_directory=folder, verbose=False)
 
 
 def cpu_kernels():
     """The built extension (`.paged_decode`, `.kv_write`, `.panel_linear`, `.grouped_panel_linear`, `.moe_ffn`,
-    `.rms_norm`, `.rotary`, `.row_max`, `.has_panel_linear()`, `.has_bf16_panels()`), or None where it is
+    `.rms_norm`, `.rotary`, `.row_max`, `.has_panel_linear()`, `.float_panel_cols()`, `.has_bf16_panels()`), or None where it is
     turned off or cannot be built (then the reason is printed once)."""
     with _lock:
         if "ext" in _built:

@@ -10,7 +10,8 @@ oneDNN's is larger; from 2^16 elements on, packing wins once the weights are out
 are in a real step. SHUTTLE_PREPACK=0 turns prepacking off (for A/B measurements).
 
 Where Shuttle's CPU kernels are built (models/cpu_kernels.py: x86 with AVX2 and FMA) such weights
-are instead packed into 8-column panels for `panel_linear`, which beats oneDNN from 1 to 256 rows;
+are instead packed into 16-column panels (8 where the CPU has AVX2 but not AVX-512) for
+`panel_linear`, which beats oneDNN from 1 to 256 rows;
 SHUTTLE_CPU_KERNELS=0 goes back to oneDNN. bfloat16 weights are packed into 16-column panels of k
 pairs where the CPU has AVX-512 BF16 (its dot-product instruction reads them as they lie): 2-3x
 faster than torch's bfloat16 F.linear at decode sizes. The measurements behind each choice:
@@ -40,7 +41,7 @@ def _panel_kernels(weight: torch.Tensor):
     out, inp = weight.shape
     if weight.device.type != "cpu" or os.environ.get("SHUTTLE_PREPACK", "1") == "0":
         return None
-    if weight.dtype == torch.float32 and out % 8 == 0 and weight.numel() >= PREPACK_MIN_ELEMENTS:
+    if weight.dtype == torch.float32 and weight.numel() >= PREPACK_MIN_ELEMENTS:
         need = "has_panel_linear"
     elif weight.dtype == torch.bfloat16 and out % 16 == 0 and inp % 2 == 0:
         need = "has_bf16_panels"       # any size: torch's bfloat16 F.linear takes ~45 µs even for a router
@@ -48,17 +49,22 @@ def _panel_kernels(weight: torch.Tensor):
         return None
     from models.cpu_kernels import cpu_kernels
     ext = cpu_kernels()
-    return ext if ext is not None and getattr(ext, need)() else None
+    if ext is None or not getattr(ext, need)():
+        return None
+    return ext if weight.dtype != torch.float32 or out % ext.float_panel_cols() == 0 else None
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] in panel_linear's layout: float32 [N/8, K, 8] (panel j: rows 8j..8j+7, interleaved by k);
-    bfloat16 [N/16, K/2, 32] (panel j, pair kk: W[16j + c, 2kk + e] at 2c + e)."""
+    """W [N, K] in panel_linear's layout: float32 [N/c, K, c] (panel j: rows cj..cj+c-1, interleaved by k;
+    c = the kernels' `float_panel_cols()`: 16 with AVX-512, 8 with AVX2 only); bfloat16 [N/16, K/2, 32]
+    (panel j, pair kk: W[16j + c, 2kk + e] at 2c + e)."""
     n, k = weight.shape
     if weight.dtype == torch.bfloat16:
         src = weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32)
     else:
-        src = weight.reshape(n // 8, 8, k).transpose(1, 2)
+        from models.cpu_kernels import cpu_kernels
+        cols = cpu_kernels().float_panel_cols()
+        src = weight.reshape(n // cols, cols, k).transpose(1, 2)
     return hugepages.empty(tuple(src.shape), weight.dtype).copy_(src)     # streamed every step: 2 MB pages
 
 

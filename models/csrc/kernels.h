@@ -4,7 +4,9 @@
 //  - attention.cpp: paged_decode (decode attention straight from the paged KV cache) and kv_write;
 //  - small_ops.cpp: rms_norm, rotary, row_max (per-layer ops too small for torch's dispatch);
 //  - panels.cpp: panel_linear, grouped_panel_linear and moe_ffn (few-row matrix products on weights
-//    packed into column panels: float32 with AVX2 FMA, bfloat16 with AVX-512 BF16);
+//    packed into column panels: float32 with AVX-512 (16 columns) or AVX2 FMA (8), bfloat16 with
+//    AVX-512 BF16);
+//    tiles.h holds their register tiles and weight formats;
 //  - module.cpp: the Python module.
 #pragma once
 
@@ -44,6 +46,7 @@ at::Tensor rotary(at::Tensor x, at::Tensor cos, at::Tensor sin);
 std::tuple<at::Tensor, at::Tensor> row_max(at::Tensor x);
 // panels.cpp
 bool has_panel_linear();
+int64_t float_panel_cols();
 bool has_bf16_panels();
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels);
 at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels, bool reverse);

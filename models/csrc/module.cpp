@@ -16,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
   m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
+  m.def("float_panel_cols", &float_panel_cols, "columns per float32 panel: 16 with AVX-512, 8 with AVX2 only");
   m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");
 }

@@ -3,293 +3,9 @@
 
 #include "kernels.h"
 
-// ---- panel_linear ------------------------------------------------------------------------------
-// float32: the weight W [N, K] is stored as panels [N/8, K, 8] (panel j holds rows 8j..8j+7,
-// interleaved by k), so one AVX register load gives W[8j..8j+7, k]. Threads split the panels; each
-// streams its panels from memory once, the row tiles after the first finding them in cache.
-//  - up to 8 rows (decode): one tile of 8 accumulators per panel: a single pass, so the FMAs hide
-//    under the weight stream (the product is bound by memory bandwidth here);
-//  - more rows: tiles of up to 6 rows over two neighbouring panels (16 columns: 12 accumulators, the
-//    most AVX2's 16 registers hold beside the two weight vectors and a broadcast), with the rows
-//    spread evenly over the tiles. 8 accumulators cannot hide the FMA latency (2 units × 4-5 cycles)
-//    and need a broadcast per FMA; 12 can, with a broadcast per 2 FMAs. Expert FFN products, both
-//    cores: +12-40% over 8-row tiles from 9 to 256 rows (e.g. 38 rows 142 → 157-169 GFLOP/s).
-// bfloat16 (where the CPU has AVX-512 BF16): W [N, K] as panels [N/16, K/2, 32]: panel j, pair kk
-// holds W[16j + c, 2kk + e] at 2c + e, so one 64-byte load gives 16 columns × 2 k, which one
-// vdpbf16ps multiplies by a broadcast pair (x[2kk], x[2kk + 1]) and adds into 16 float32 sums: half
-// the bytes of float32 and twice the products per instruction. Tiles of up to 12 rows per panel.
-// Both stream the weight with a software prefetch 4 KB ahead: with only the hardware prefetcher,
-// 8-row expert products out of cache ran at ~16 GB/s (the FMAs stall the stream); with it ~21.
+#include "tiles.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-namespace {
-
-constexpr int64_t kPrefetchBytes = 4096;
-
-inline void prefetch_ahead(const void* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-}
-
-// The tiles read element (m, k) of x at x[k·sk + m·sm]. Row blocks of up to 8 rows are packed
-// transposed once per call (sk = M, sm = 1): the M values one k step broadcasts then sit in one or
-// two cache lines instead of M rows K floats apart (8-row expert products out of cache, both cores:
-// 34 → 25 ms for 8 layers' up projections); bigger blocks are read in place (sk = 1, sm = K), where
-// transposing cost more than it saved in prefill.
-// Both tiles are inlined into panel_linear's switches: called through a pointer, GCC spilled the
-// accumulators to the stack on every k (2.3x slower).
-//
-// M rows × 8 columns, k unrolled U times into U sets of sums: an FMA waits ~4 cycles for the one
-// before it on the same sum, and two issue per cycle, so fewer than 8 independent sums leave the
-// FMA units idle (one row: a quarter of the rate, and the weight stream with it).
-template <int M, int U>
-__attribute__((always_inline)) inline void panel_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                      const float* __restrict__ p, float* __restrict__ y, int64_t ldy) {
-  __m256 acc[U][M];
-  for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    for (int u = 0; u < U; u += 2) prefetch_ahead(p + (k + u) * 8);
-    for (int u = 0; u < U; ++u) {
-      const __m256 w = _mm256_loadu_ps(p + (k + u) * 8);
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (k + u) * sk + m * sm), w, acc[u][m]);
-    }
-  }
-  for (; k < K; ++k) {
-    const __m256 w = _mm256_loadu_ps(p + k * 8);
-    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k * sk + m * sm), w, acc[0][m]);
-  }
-  for (int m = 0; m < M; ++m) {
-    __m256 sum = acc[0][m];
-    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][m]);
-    _mm256_storeu_ps(y + m * ldy, sum);
-  }
-}
-
-// M rows × 16 columns: panels p0 and p1 = p0 + 8K side by side.
-template <int M>
-__attribute__((always_inline)) inline void pair_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                     const float* __restrict__ p0, float* __restrict__ y, int64_t ldy) {
-  const float* __restrict__ p1 = p0 + K * 8;
-  __m256 a0[M], a1[M];
-  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    if ((k & 1) == 0) {
-      prefetch_ahead(p0 + k * 8);
-      prefetch_ahead(p1 + k * 8);
-    }
-    const __m256 w0 = _mm256_loadu_ps(p0 + k * 8), w1 = _mm256_loadu_ps(p1 + k * 8);
-    for (int m = 0; m < M; ++m) {
-      const __m256 b = _mm256_broadcast_ss(x + k * sk + m * sm);
-      a0[m] = _mm256_fmadd_ps(b, w0, a0[m]);
-      a1[m] = _mm256_fmadd_ps(b, w1, a1[m]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    _mm256_storeu_ps(y + m * ldy, a0[m]);
-    _mm256_storeu_ps(y + m * ldy + 8, a1[m]);
-  }
-}
-
-// Rows m0.. of panel j (and j+1 when `pair`) in tiles of `rows` (≤ 8 single, ≤ 6 paired).
-__attribute__((always_inline)) inline void tile(bool pair, int64_t rows, const float* x, int64_t sk, int64_t sm, int64_t K,
-                                                const float* p, float* y, int64_t ldy) {
-  if (pair) {
-    switch (rows) {
-      case 6: pair_tile<6>(x, sk, sm, K, p, y, ldy); break;
-      case 5: pair_tile<5>(x, sk, sm, K, p, y, ldy); break;
-      case 4: pair_tile<4>(x, sk, sm, K, p, y, ldy); break;
-      case 3: pair_tile<3>(x, sk, sm, K, p, y, ldy); break;
-      case 2: pair_tile<2>(x, sk, sm, K, p, y, ldy); break;
-      default: pair_tile<1>(x, sk, sm, K, p, y, ldy);
-    }
-    return;
-  }
-  switch (rows) {       // U: at least 8 independent sums
-    case 8: panel_tile<8, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 7: panel_tile<7, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 6: panel_tile<6, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 5: panel_tile<5, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 4: panel_tile<4, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 3: panel_tile<3, 4>(x, sk, sm, K, p, y, ldy); break;
-    case 2: panel_tile<2, 4>(x, sk, sm, K, p, y, ldy); break;
-    default: panel_tile<1, 8>(x, sk, sm, K, p, y, ldy);
-  }
-}
-
-// All row tiles of panel j (and j + 1 when `pair`) for the M rows of x (transposed [K, M] up to 8
-// rows, else [M, K] as given): one unit of work.
-inline void panel_unit(const float* x, int64_t M, int64_t K, const float* panels, int64_t j, bool pair, float* y,
-                       int64_t ldy) {
-  const int64_t sk = M <= 8 ? M : 1, sm = M <= 8 ? 1 : K;
-  const int64_t cap = pair ? 6 : 8, tiles = (M + cap - 1) / cap;
-  for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
-    const int64_t rows = pair ? (M - m0 + tiles - t - 1) / (tiles - t) : std::min<int64_t>(8, M - m0);
-    tile(pair, rows, x + m0 * sm, sk, sm, K, panels + j * K * 8, y + m0 * ldy + j * 8, ldy);
-    m0 += rows;
-  }
-}
-
-// Panel j (and j+1 when `pair`) of weight `weight`, for all of that weight's rows.
-struct Unit {
-  int64_t weight, j;
-  bool pair;
-};
-
-// The float32 format: 8-column panels, more than 8 rows in tiles over panel pairs.
-struct F32 {
-  using X = float;
-  using W = float;
-  using Out = float;                        // what panel_linear returns
-  static constexpr int64_t kCols = 8;
-  static constexpr int64_t kUnitRows = 8;   // more rows than this: units of two panels
-  static double cost(int64_t rows) { return 6.0 + rows; }   // a panel's stream ≈ 6 rows of FMAs
-  // Where each weight's row block [counts[w], K] of x is read from: blocks of up to 8 rows transposed
-  // into [K, counts[w]] in `buffer` (panel_unit reads them so), bigger blocks in place.
-  static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
-                                      const std::vector<int64_t>& first, std::vector<X>& buffer) {
-    std::vector<const X*> at(counts.size());
-    for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
-    bool any = false;
-    for (int64_t c : counts) any = any || (c > 0 && c <= 8);
-    if (!any) return at;
-    buffer.resize(first.back() * K);
-    at::parallel_for(0, counts.size(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t w = b; w < e; ++w) {
-        const int64_t M = counts[w];
-        if (M == 0 || M > 8) continue;
-        const X* src = x + first[w] * K;
-        X* dst = buffer.data() + first[w] * K;
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t k = 0; k < K; ++k) dst[k * M + m] = src[m * K + k];
-        at[w] = dst;
-      }
-    });
-    return at;
-  }
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy) {
-    panel_unit(x, M, K, panels, j, pair, y, ldy);
-  }
-};
-
-}  // namespace
-
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define SHUTTLE_BF16_PANELS 1
-namespace {
-
-inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-inline void store16(c10::BFloat16* y, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-
-// M rows × 16 columns of bfloat16 panel p (K/2 pairs), float32 sums, stored as Y; k pairs unrolled
-// U times into U sets of sums where few rows would leave the dot product's latency exposed (as in
-// the float32 tile).
-template <int M, int U, typename Y>
-__attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict__ x, int64_t K,
-                                                     const uint16_t* __restrict__ p, Y* __restrict__ y, int64_t ldy) {
-  __m512 acc[U][M];
-  for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  const int64_t K2 = K / 2;
-  int64_t kk = 0;
-  for (; kk + U <= K2; kk += U)
-    for (int u = 0; u < U; ++u) {
-      prefetch_ahead(p + (kk + u) * 32);
-      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + (kk + u) * 32));
-      for (int m = 0; m < M; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, x + m * K + 2 * (kk + u), sizeof(pair));
-        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
-      }
-    }
-  for (; kk < K2; ++kk) {
-    const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + kk * 32));
-    for (int m = 0; m < M; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + m * K + 2 * kk, sizeof(pair));
-      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    __m512 sum = acc[0][m];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
-    store16(y + m * ldy, sum);
-  }
-}
-
-template <typename Y>
-__attribute__((always_inline)) inline void bf16_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* p,
-                                                     Y* y, int64_t ldy) {
-  switch (rows) {       // U: at least 8 independent sums
-    case 12: bf16_tile<12, 1>(x, K, p, y, ldy); break;
-    case 11: bf16_tile<11, 1>(x, K, p, y, ldy); break;
-    case 10: bf16_tile<10, 1>(x, K, p, y, ldy); break;
-    case 9: bf16_tile<9, 1>(x, K, p, y, ldy); break;
-    case 8: bf16_tile<8, 1>(x, K, p, y, ldy); break;
-    case 7: bf16_tile<7, 2>(x, K, p, y, ldy); break;
-    case 6: bf16_tile<6, 2>(x, K, p, y, ldy); break;
-    case 5: bf16_tile<5, 2>(x, K, p, y, ldy); break;
-    case 4: bf16_tile<4, 2>(x, K, p, y, ldy); break;
-    case 3: bf16_tile<3, 4>(x, K, p, y, ldy); break;
-    case 2: bf16_tile<2, 4>(x, K, p, y, ldy); break;
-    default: bf16_tile<1, 8>(x, K, p, y, ldy);
-  }
-}
-
-// The bfloat16 format: 16-column panels of k pairs, rows in tiles of up to 12, spread evenly.
-struct BF16 {
-  using X = uint16_t;
-  using W = uint16_t;
-  using Out = c10::BFloat16;
-  static constexpr int64_t kCols = 16;
-  static constexpr int64_t kUnitRows = std::numeric_limits<int64_t>::max();   // never pairs
-  static double cost(int64_t rows) { return 6.0 + 0.5 * rows; }   // the same bytes per panel, half the cycles per row
-  static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
-                                      const std::vector<int64_t>& first, std::vector<X>&) {
-    std::vector<const X*> at(counts.size());   // rows as they are: each k pair of a row is one 32-bit broadcast
-    for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
-    return at;
-  }
-  template <typename Y>
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool, Y* y, int64_t ldy) {
-    const int64_t tiles = (M + 11) / 12;
-    for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
-      const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
-      bf16_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy);
-      m0 += rows;
-    }
-  }
-};
-
-// a[r, i] = SiLU(h[r, i]) · h[r, I + i] for the p rows of h [p, 2I] (gate, then up), into float or bfloat16.
-inline __m512 exp16(__m512 x) {
-  // e^x = 2^n · e^t, n = round(x / ln 2), t = x − n·ln 2 (ln 2 in two parts) in [−ln2/2, ln2/2], where
-  // the Taylor series to t^6 is within 6e-8 relative; scalef makes 2^n and saturates to 0 or inf.
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  t = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417e-06f), t);
-  __m512 e = _mm512_set1_ps(1.f / 720);
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 120));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 24));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 6));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, n);
-}
-
-inline void store_masked(float* y, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(y, m, v); }
-inline void store_masked(c10::BFloat16* y, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(y, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-
-}  // namespace
-#endif
 
 namespace {
 
@@ -330,9 +46,9 @@ bool bf16_panels(const at::Tensor& panels, int64_t K, const char* what) {
     TORCH_CHECK(false, what, ": this CPU has no AVX-512 BF16 for bfloat16 panels");
 #endif
   } else {
-    TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.dim() == 3 && panels.size(2) == 8 && panels.size(1) == K, what,
-                ": expected float32 panels [N/8, K, 8] or bfloat16 panels [N/16, K/2, 32] with K = ", K, ", got ",
-                panels.scalar_type(), " ", panels.sizes());
+    TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.dim() == 3 && panels.size(2) == F32::kCols && panels.size(1) == K,
+                what, ": expected float32 panels [N/", F32::kCols, ", K, ", F32::kCols,
+                "] or bfloat16 panels [N/16, K/2, 32] with K = ", K, ", got ", panels.scalar_type(), " ", panels.sizes());
   }
   TORCH_CHECK(panels.is_contiguous() && panels.device().is_cpu(), what, ": contiguous CPU panels only");
   return bf16;
@@ -479,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::T
 }  // namespace
 
 bool has_panel_linear() { return true; }
+int64_t float_panel_cols() { return F32::kCols; }
 
 bool has_bf16_panels() {
 #ifdef SHUTTLE_BF16_PANELS
@@ -488,7 +205,7 @@ bool has_bf16_panels() {
 #endif
 }
 
-// x [M, K], panels (float32 [N/8, K, 8] or bfloat16 [N/16, K/2, 32], x of the same dtype) → [M, N]
+// x [M, K], panels (float32 [N/c, K, c] with c = float_panel_cols(), or bfloat16 [N/16, K/2, 32], x of the same dtype) → [M, N]
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
   TORCH_CHECK(x.dim() == 2, "panel_linear: expected x [M, K], got ", x.sizes());
   const bool bf16 = bf16_panels(panels, x.size(1), "panel_linear");
@@ -551,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::T
 #else  // no AVX2/FMA: Linear keeps oneDNN (models/linear.py asks has_panel_linear first)
 
 bool has_panel_linear() { return false; }
+int64_t float_panel_cols() { return 0; }
 bool has_bf16_panels() { return false; }
 
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {

@@ -10,10 +10,12 @@ from models import cpu_kernels
 from models.linear import PREPACK_MIN_ELEMENTS, Linear
 
 
-# rows: one 8-row tile or fewer (single panels); 9+ rows: 6-row-or-fewer tiles over panel pairs, spread
-# evenly (9 = 5+4, 17 = 6+6+5, 37 = 6+6+5+5+5+5+5); (264, 256) has an odd panel count: the last panel alone
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 17, 37, 64, 130])
-@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (256, 300), (264, 256)])
+# rows (AVX-512's 16-column panels): up to 3 one panel at a time; 4-8 one tile over a panel pair, its
+# block transposed; 9+ tiles of up to 12 over pairs, spread evenly (13 = 7+6, 37 = 10+9+9+9); (272, 256)
+# has an odd panel count: the last panel alone, in tiles of up to 8 (AVX2's 8-column panels: up to 8
+# rows one panel at a time, more in tiles of up to 6 over pairs)
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 8, 9, 12, 13, 17, 37, 64, 130])
+@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (256, 300), (272, 256)])
 def test_panel_linear_matches_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)
     w = torch.randn(out_features, in_features) * 0.05
@@ -36,8 +38,11 @@ def test_panel_linear_with_bias_and_leading_dims():
 def test_layout_choice(monkeypatch):
     big = torch.randn(512, 256)
     assert Linear(big).panels is not None
-    odd = Linear(torch.randn(516, 256))                    # not a multiple of 8 rows: oneDNN
+    cols = cpu_kernels.cpu_kernels().float_panel_cols()
+    assert cols == 16                                      # this CPU has AVX-512 (CI's does too)
+    odd = Linear(torch.randn(520, 256))                    # not a multiple of the panel width: oneDNN
     assert odd.panels is None and odd.packed is not None
+    assert Linear(big).panels.shape == (512 // cols, 256, cols)
     small = Linear(torch.randn(64, 64))                    # below PREPACK_MIN_ELEMENTS: plain F.linear
     assert 64 * 64 < PREPACK_MIN_ELEMENTS and small.panels is None and small.packed is None
     half = Linear(big.bfloat16())                          # this CPU has AVX-512 BF16 (CI's does too)
@@ -52,8 +57,9 @@ def test_layout_choice(monkeypatch):
     assert torch.allclose(off(x), F.linear(x, big), atol=1e-4, rtol=1e-5)
 
 
-# bfloat16 panels: tiles of up to 12 rows, more rows spread evenly over tiles (13 = 7+6, 37 = 10+9+9+9)
-@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 37, 130])
+# bfloat16 panels: up to 8 rows one panel at a time; more over panel pairs, in tiles of up to 12 rows
+# spread evenly (13 = 7+6, 37 = 10+9+9+9); (272, 300) has an odd panel count (the last one alone)
+@pytest.mark.parametrize("rows", [0, 1, 5, 8, 9, 12, 13, 37, 130])
 @pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 1024), (272, 300)])
 def test_bfloat16_panels_match_a_float32_product_rounded_once(rows, out_features, in_features):
     """bfloat16 weights and inputs, float32 sums, the result rounded to bfloat16 once: within one
@@ -80,22 +86,24 @@ def test_bfloat16_panels_refuse_float32_inputs_by_name():
 
 def test_panel_linear_rejects_mismatched_inputs():
     ext = cpu_kernels.cpu_kernels()
-    panels = torch.randn(4, 16, 8)
+    panels = torch.randn(4, 16, ext.float_panel_cols())
     with pytest.raises(RuntimeError, match="K = 15"):
         ext.panel_linear(torch.randn(3, 15), panels)
     with pytest.raises(RuntimeError, match="expected float32 panels"):
         ext.panel_linear(torch.randn(3, 16).double(), panels.double())
+    with pytest.raises(RuntimeError, match="expected float32 panels"):          # the other CPU's width
+        ext.panel_linear(torch.randn(3, 16), torch.randn(8, 16, 24 - ext.float_panel_cols()))
     with pytest.raises(RuntimeError, match="expected a contiguous Float CPU x"):
         ext.panel_linear(torch.randn(3, 16).double(), panels)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_grouped_panel_linear_matches_per_block_products(reverse):
-    """Row block w of x times weight w, all weights in one call: empty blocks, 1-8 rows (single panels)
-    and more (panel pairs), an odd panel count (264 outputs)."""
+    """Row block w of x times weight w, all weights in one call: empty blocks, every tile shape
+    (single panels, pairs, transposed blocks or not), an odd panel count (272 outputs)."""
     torch.manual_seed(0)
-    counts = [0, 1, 8, 9, 37, 0, 130, 3]
-    ws = [torch.randn(264, 256) * 0.05 for _ in counts]
+    counts = [0, 1, 4, 8, 9, 12, 37, 0, 130, 3]
+    ws = [torch.randn(272, 256) * 0.05 for _ in counts]
     lins = [Linear(w.clone()) for w in ws]
     x = torch.randn(sum(counts), 256)
     y = lins[0]._kernels.grouped_panel_linear(x, counts, [lin.panels for lin in lins], reverse)
@@ -105,10 +113,11 @@ def test_grouped_panel_linear_matches_per_block_products(reverse):
 
 def test_grouped_panel_linear_rejects_mismatched_inputs():
     ext = cpu_kernels.cpu_kernels()
-    panels = [torch.randn(4, 16, 8), torch.randn(4, 16, 8)]
+    cols = ext.float_panel_cols()
+    panels = [torch.randn(4, 16, cols), torch.randn(4, 16, cols)]
     with pytest.raises(RuntimeError, match="sum to 5, x has 6 rows"):
         ext.grouped_panel_linear(torch.randn(6, 16), [2, 3], panels, False)
     with pytest.raises(RuntimeError, match="one row count per weight"):
         ext.grouped_panel_linear(torch.randn(5, 16), [5], panels, False)
-    with pytest.raises(RuntimeError, match="weight 1 has 64 outputs, weight 0 has 32"):
-        ext.grouped_panel_linear(torch.randn(5, 16), [2, 3], [panels[0], torch.randn(8, 16, 8)], False)
+    with pytest.raises(RuntimeError, match=f"weight 1 has {8 * cols} outputs, weight 0 has {4 * cols}"):
+        ext.grouped_panel_linear(torch.randn(5, 16), [2, 3], [panels[0], torch.randn(8, 16, cols)], False)
