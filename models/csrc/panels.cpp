@@ -90,9 +90,16 @@ void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<
     return std::lower_bound(cost.begin(), cost.end() - 1, cost.back() * t / T) - cost.begin();
   };
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = bound(begin); u < bound(end); ++u) {
+    const int64_t last = bound(end);
+    for (int64_t u = bound(begin); u < last; ++u) {
       const Unit& n = units[u];
-      F::unit(xw[n.weight], counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy, ldy);
+      Ahead ahead;
+      if (u + 1 < last && counts[units[u + 1].weight] >= 4) {   // few rows: the stream is the tile itself
+        const Unit& m = units[u + 1];
+        ahead.p = reinterpret_cast<const char*>(weight[m.weight] + m.j * K * F::kCols);
+        ahead.left = (m.pair ? 2 : 1) * K * F::kCols * int64_t(sizeof(typename F::W)) / 64;
+      }
+      F::unit(xw[n.weight], counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy, ldy, ahead);
     }
   });
 }

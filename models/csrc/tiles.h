@@ -24,7 +24,10 @@
 // than 8 rows over panel pairs (12-32 rows +20-30%).
 // The AVX2 and bfloat16 tiles stream the weight with a software prefetch 4 KB ahead: with only the
 // hardware prefetcher, 8-row AVX2 expert products out of cache ran at ~16 GB/s; with it ~21. The
-// AVX-512 float32 tiles do without (no difference measured).
+// AVX-512 float32 tiles do without it (no difference measured); instead, a unit of 4 or more rows
+// fetches the next unit's weight into L2 a line per weight load (`Ahead`), so a unit seldom starts
+// on memory: 8, 64 rows and the 64-row LM head 4-6% faster; with 1-2 rows it cost 7-9% (their tile
+// is the stream already), so those units fetch nothing ahead.
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -137,6 +140,19 @@ inline void panel_unit(const float* x, int64_t M, int64_t K, const float* panels
   }
 }
 
+// The next unit's weight, fetched into L2 a line at a time while this one computes (see the top).
+struct Ahead {
+  const char* p = nullptr;
+  int64_t left = 0;
+  inline void step() {
+    if (left > 0) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+      --left;
+    }
+  }
+};
+
 // Panel j (and j+1 when `pair`) of weight `weight`, for all of that weight's rows.
 struct Unit {
   int64_t weight, j;
@@ -179,7 +195,8 @@ struct F32x8 {
                                       const std::vector<int64_t>& first, std::vector<X>& buffer) {
     return transposed_blocks(x, K, counts, first, buffer);
   }
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy) {
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy,
+                   Ahead&) {
     panel_unit(x, M, K, panels, j, pair, y, ldy);
   }
 };
@@ -195,13 +212,14 @@ struct F32x8 {
 // sum and one issues per cycle, so fewer than 4 rows take U sets of sums.
 template <int M, int U>
 __attribute__((always_inline)) inline void zmm_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                    const float* __restrict__ p, float* __restrict__ y, int64_t ldy) {
+                                                    const float* __restrict__ p, float* __restrict__ y, int64_t ldy, Ahead& ahead) {
   __m512 acc[U][M];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + U <= K; k += U)
     for (int u = 0; u < U; ++u) {
+      ahead.step();
       const __m512 w = _mm512_loadu_ps(p + (k + u) * 16);
       for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(k + u) * sk + m * sm]), w, acc[u][m]);
     }
@@ -220,11 +238,13 @@ __attribute__((always_inline)) inline void zmm_tile(const float* __restrict__ x,
 // registers and a broadcast of the 32 registers), one broadcast per two FMAs.
 template <int M>
 __attribute__((always_inline)) inline void zmm_pair_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                         const float* __restrict__ p0, float* __restrict__ y, int64_t ldy) {
+                                                         const float* __restrict__ p0, float* __restrict__ y, int64_t ldy, Ahead& ahead) {
   const float* __restrict__ p1 = p0 + K * 16;
   __m512 a0[M], a1[M];
   for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    ahead.step();
+    ahead.step();
     const __m512 w0 = _mm512_loadu_ps(p0 + k * 16), w1 = _mm512_loadu_ps(p1 + k * 16);
     for (int m = 0; m < M; ++m) {
       const __m512 b = _mm512_set1_ps(x[k * sk + m * sm]);
@@ -239,33 +259,33 @@ __attribute__((always_inline)) inline void zmm_pair_tile(const float* __restrict
 }
 
 __attribute__((always_inline)) inline void zmm_rows(bool pair, int64_t rows, const float* x, int64_t sk, int64_t sm,
-                                                    int64_t K, const float* p, float* y, int64_t ldy) {
+                                                    int64_t K, const float* p, float* y, int64_t ldy, Ahead& ahead) {
   if (pair) {
     switch (rows) {
-      case 12: zmm_pair_tile<12>(x, sk, sm, K, p, y, ldy); break;
-      case 11: zmm_pair_tile<11>(x, sk, sm, K, p, y, ldy); break;
-      case 10: zmm_pair_tile<10>(x, sk, sm, K, p, y, ldy); break;
-      case 9: zmm_pair_tile<9>(x, sk, sm, K, p, y, ldy); break;
-      case 8: zmm_pair_tile<8>(x, sk, sm, K, p, y, ldy); break;
-      case 7: zmm_pair_tile<7>(x, sk, sm, K, p, y, ldy); break;
-      case 6: zmm_pair_tile<6>(x, sk, sm, K, p, y, ldy); break;
-      case 5: zmm_pair_tile<5>(x, sk, sm, K, p, y, ldy); break;
-      case 4: zmm_pair_tile<4>(x, sk, sm, K, p, y, ldy); break;
-      case 3: zmm_pair_tile<3>(x, sk, sm, K, p, y, ldy); break;
-      case 2: zmm_pair_tile<2>(x, sk, sm, K, p, y, ldy); break;
-      default: zmm_pair_tile<1>(x, sk, sm, K, p, y, ldy);
+      case 12: zmm_pair_tile<12>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 11: zmm_pair_tile<11>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 10: zmm_pair_tile<10>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 9: zmm_pair_tile<9>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 8: zmm_pair_tile<8>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 7: zmm_pair_tile<7>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 6: zmm_pair_tile<6>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 5: zmm_pair_tile<5>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 4: zmm_pair_tile<4>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 3: zmm_pair_tile<3>(x, sk, sm, K, p, y, ldy, ahead); break;
+      case 2: zmm_pair_tile<2>(x, sk, sm, K, p, y, ldy, ahead); break;
+      default: zmm_pair_tile<1>(x, sk, sm, K, p, y, ldy, ahead);
     }
     return;
   }
   switch (rows) {       // U: at least 4 independent sums
-    case 8: zmm_tile<8, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 7: zmm_tile<7, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 6: zmm_tile<6, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 5: zmm_tile<5, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 4: zmm_tile<4, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 3: zmm_tile<3, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 2: zmm_tile<2, 2>(x, sk, sm, K, p, y, ldy); break;
-    default: zmm_tile<1, 4>(x, sk, sm, K, p, y, ldy);
+    case 8: zmm_tile<8, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 7: zmm_tile<7, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 6: zmm_tile<6, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 5: zmm_tile<5, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 4: zmm_tile<4, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 3: zmm_tile<3, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 2: zmm_tile<2, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
+    default: zmm_tile<1, 4>(x, sk, sm, K, p, y, ldy, ahead);
   }
 }
 
@@ -282,12 +302,13 @@ struct F32x16 {
                                       const std::vector<int64_t>& first, std::vector<X>& buffer) {
     return transposed_blocks(x, K, counts, first, buffer);
   }
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy) {
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy,
+                   Ahead& ahead) {
     const int64_t sk = M <= 8 ? M : 1, sm = M <= 8 ? 1 : K;
     const int64_t cap = pair ? (M <= 8 ? 8 : 12) : 8, tiles = (M + cap - 1) / cap;
     for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
       const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
-      zmm_rows(pair, rows, x + m0 * sm, sk, sm, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy);
+      zmm_rows(pair, rows, x + m0 * sm, sk, sm, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy, ahead);
       m0 += rows;
     }
   }
@@ -422,7 +443,7 @@ struct BF16 {
     return at;
   }
   template <typename Y>
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, Y* y, int64_t ldy) {
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, Y* y, int64_t ldy, Ahead&) {
     const int64_t tiles = (M + 11) / 12;
     for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
       const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
