@@ -24,10 +24,10 @@
 // than 8 rows over panel pairs (12-32 rows +20-30%).
 // The AVX2 and bfloat16 tiles stream the weight with a software prefetch 4 KB ahead: with only the
 // hardware prefetcher, 8-row AVX2 expert products out of cache ran at ~16 GB/s; with it ~21. The
-// AVX-512 float32 tiles do without it (no difference measured); instead, a unit of 4 or more rows
-// fetches the next unit's weight into L2 a line per weight load (`Ahead`), so a unit seldom starts
-// on memory: 8, 64 rows and the 64-row LM head 4-6% faster; with 1-2 rows it cost 7-9% (their tile
-// is the stream already), so those units fetch nothing ahead.
+// AVX-512 float32 tiles do without it (no difference measured). On AVX-512 (float32 and bfloat16) a
+// unit of 4 or more rows also fetches the next unit's weight into L2, a line per weight load
+// (`Ahead`), so a unit seldom starts on memory: 8 and 64 rows and the 64-row LM head 4-8% faster;
+// with 1-2 rows it cost 7-9% (their tile is the stream already), so those units fetch nothing ahead.
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -334,7 +334,8 @@ inline void store16(c10::BFloat16* y, __m512 v) {
 // the float32 tile).
 template <int M, int U, typename Y>
 __attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict__ x, int64_t K,
-                                                     const uint16_t* __restrict__ p, Y* __restrict__ y, int64_t ldy) {
+                                                     const uint16_t* __restrict__ p, Y* __restrict__ y, int64_t ldy,
+                                                     Ahead& ahead) {
   __m512 acc[U][M];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
@@ -343,6 +344,7 @@ __attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict_
   for (; kk + U <= K2; kk += U)
     for (int u = 0; u < U; ++u) {
       prefetch_ahead(p + (kk + u) * 32);
+      ahead.step();
       const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p + (kk + u) * 32));
       for (int m = 0; m < M; ++m) {
         int32_t pair;
@@ -369,11 +371,14 @@ __attribute__((always_inline)) inline void bf16_tile(const uint16_t* __restrict_
 // two dot products.
 template <int M, typename Y>
 __attribute__((always_inline)) inline void bf16_pair_tile(const uint16_t* __restrict__ x, int64_t K,
-                                                          const uint16_t* __restrict__ p0, Y* __restrict__ y, int64_t ldy) {
+                                                          const uint16_t* __restrict__ p0, Y* __restrict__ y, int64_t ldy,
+                                                          Ahead& ahead) {
   const uint16_t* __restrict__ p1 = p0 + K * 16;
   __m512 a0[M], a1[M];
   for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < K / 2; ++kk) {
+    ahead.step();
+    ahead.step();
     const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p0 + kk * 32));
     const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(p1 + kk * 32));
     for (int m = 0; m < M; ++m) {
@@ -392,39 +397,39 @@ __attribute__((always_inline)) inline void bf16_pair_tile(const uint16_t* __rest
 
 template <typename Y>
 __attribute__((always_inline)) inline void bf16_pair_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* p,
-                                                          Y* y, int64_t ldy) {
+                                                          Y* y, int64_t ldy, Ahead& ahead) {
   switch (rows) {
-    case 12: bf16_pair_tile<12>(x, K, p, y, ldy); break;
-    case 11: bf16_pair_tile<11>(x, K, p, y, ldy); break;
-    case 10: bf16_pair_tile<10>(x, K, p, y, ldy); break;
-    case 9: bf16_pair_tile<9>(x, K, p, y, ldy); break;
-    case 8: bf16_pair_tile<8>(x, K, p, y, ldy); break;
-    case 7: bf16_pair_tile<7>(x, K, p, y, ldy); break;
-    case 6: bf16_pair_tile<6>(x, K, p, y, ldy); break;
-    case 5: bf16_pair_tile<5>(x, K, p, y, ldy); break;
-    case 4: bf16_pair_tile<4>(x, K, p, y, ldy); break;
-    case 3: bf16_pair_tile<3>(x, K, p, y, ldy); break;
-    case 2: bf16_pair_tile<2>(x, K, p, y, ldy); break;
-    default: bf16_pair_tile<1>(x, K, p, y, ldy);
+    case 12: bf16_pair_tile<12>(x, K, p, y, ldy, ahead); break;
+    case 11: bf16_pair_tile<11>(x, K, p, y, ldy, ahead); break;
+    case 10: bf16_pair_tile<10>(x, K, p, y, ldy, ahead); break;
+    case 9: bf16_pair_tile<9>(x, K, p, y, ldy, ahead); break;
+    case 8: bf16_pair_tile<8>(x, K, p, y, ldy, ahead); break;
+    case 7: bf16_pair_tile<7>(x, K, p, y, ldy, ahead); break;
+    case 6: bf16_pair_tile<6>(x, K, p, y, ldy, ahead); break;
+    case 5: bf16_pair_tile<5>(x, K, p, y, ldy, ahead); break;
+    case 4: bf16_pair_tile<4>(x, K, p, y, ldy, ahead); break;
+    case 3: bf16_pair_tile<3>(x, K, p, y, ldy, ahead); break;
+    case 2: bf16_pair_tile<2>(x, K, p, y, ldy, ahead); break;
+    default: bf16_pair_tile<1>(x, K, p, y, ldy, ahead);
   }
 }
 
 template <typename Y>
 __attribute__((always_inline)) inline void bf16_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* p,
-                                                     Y* y, int64_t ldy) {
+                                                     Y* y, int64_t ldy, Ahead& ahead) {
   switch (rows) {       // U: at least 8 independent sums
-    case 12: bf16_tile<12, 1>(x, K, p, y, ldy); break;
-    case 11: bf16_tile<11, 1>(x, K, p, y, ldy); break;
-    case 10: bf16_tile<10, 1>(x, K, p, y, ldy); break;
-    case 9: bf16_tile<9, 1>(x, K, p, y, ldy); break;
-    case 8: bf16_tile<8, 1>(x, K, p, y, ldy); break;
-    case 7: bf16_tile<7, 2>(x, K, p, y, ldy); break;
-    case 6: bf16_tile<6, 2>(x, K, p, y, ldy); break;
-    case 5: bf16_tile<5, 2>(x, K, p, y, ldy); break;
-    case 4: bf16_tile<4, 2>(x, K, p, y, ldy); break;
-    case 3: bf16_tile<3, 4>(x, K, p, y, ldy); break;
-    case 2: bf16_tile<2, 4>(x, K, p, y, ldy); break;
-    default: bf16_tile<1, 8>(x, K, p, y, ldy);
+    case 12: bf16_tile<12, 1>(x, K, p, y, ldy, ahead); break;
+    case 11: bf16_tile<11, 1>(x, K, p, y, ldy, ahead); break;
+    case 10: bf16_tile<10, 1>(x, K, p, y, ldy, ahead); break;
+    case 9: bf16_tile<9, 1>(x, K, p, y, ldy, ahead); break;
+    case 8: bf16_tile<8, 1>(x, K, p, y, ldy, ahead); break;
+    case 7: bf16_tile<7, 2>(x, K, p, y, ldy, ahead); break;
+    case 6: bf16_tile<6, 2>(x, K, p, y, ldy, ahead); break;
+    case 5: bf16_tile<5, 2>(x, K, p, y, ldy, ahead); break;
+    case 4: bf16_tile<4, 2>(x, K, p, y, ldy, ahead); break;
+    case 3: bf16_tile<3, 4>(x, K, p, y, ldy, ahead); break;
+    case 2: bf16_tile<2, 4>(x, K, p, y, ldy, ahead); break;
+    default: bf16_tile<1, 8>(x, K, p, y, ldy, ahead);
   }
 }
 
@@ -443,14 +448,14 @@ struct BF16 {
     return at;
   }
   template <typename Y>
-  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, Y* y, int64_t ldy, Ahead&) {
+  static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, Y* y, int64_t ldy, Ahead& ahead) {
     const int64_t tiles = (M + 11) / 12;
     for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
       const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
       if (pair)
-        bf16_pair_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy);
+        bf16_pair_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy, ahead);
       else
-        bf16_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy);
+        bf16_rows(rows, x + m0 * K, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy, ahead);
       m0 += rows;
     }
   }
