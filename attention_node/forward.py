@@ -111,14 +111,18 @@ class AttentionForward:
         trace.compute_starts(micro_batch)
         h = self.w.embed[input_ids]                                       # [T, H]
         cos_sin = self.rotary.at(batch.positions)
+        block = self._block_kernel(h, batch)
         for layer, lw in enumerate(self.w.layers):
-            if h.shape[0]:      # h is this program's own tensor (the embedding lookup made it): added in place
-                h.add_(self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin))
-            x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
-            if lw.router is None:
-                h.add_(swiglu(x, lw.ffn_up, lw.ffn_down))
-                continue
-            ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
+            if block is not None and _fits_block(lw):      # h += attention, x = norm(h), routing: one call
+                x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
+            else:
+                if h.shape[0]:      # h is this program's own tensor (the embedding lookup made it): added in place
+                    h.add_(self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin))
+                x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
+                if lw.router is None:
+                    h.add_(swiglu(x, lw.ffn_up, lw.ffn_down))
+                    continue
+                ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
             if lw.ffn_up is None:
                 trace.compute_ends(layer, micro_batch)
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
@@ -132,9 +136,36 @@ class AttentionForward:
         trace.compute_ends(-1, micro_batch)
         return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
 
+    def _block_kernel(self, h: torch.Tensor, batch: AttentionBatch):
+        """The CPU kernels where this micro-batch's MoE layers can run their attention block as one call
+        (`decode_block`: every row a decode token, the decode attention kernel in use), else None."""
+        rows = h.shape[0]
+        if not rows or batch.prefills or batch.decode_rows.numel() != rows or self.cache.decode_kernel is None:
+            return None
+        return for_tensor(h)
+
+    def decode_block(self, kernels, layer: int, lw: LayerWeights, h: torch.Tensor, batch: AttentionBatch,
+                     cos_sin: tuple[torch.Tensor, torch.Tensor]):
+        """h += attention(norm(h)) in place; returns (x = post-norm(h), ids, weights): what `attention`,
+        `rms_norm` and `route` compute, bit for bit, in one kernel call (models/csrc/layer.cpp)."""
+        s, r = self.spec, lw.router
+        return kernels.decode_block(
+            h, lw.input_norm, lw.post_norm, s.rms_norm_eps, lw.qkv.panels, lw.qkv.bias, s.num_heads, s.num_kv_heads,
+            cos_sin[0], cos_sin[1], self.cache.k[layer], self.cache.v[layer], batch.slots, batch.decode_blocks,
+            batch.decode_lens, self.cache.block_size, s.head_dim ** -0.5, lw.o.panels, lw.o.bias, r.panels,
+            r.weight if r.panels is None else None, r.bias, s.top_k, s.norm_topk_prob)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] float32."""
         return self.w.lm_head(hidden).float()
+
+
+def _fits_block(lw: LayerWeights) -> bool:
+    """Whether `decode_block` covers this layer: an MoE layer without q/k norms whose projections are
+    panel-packed and whose router is panel-packed or plain (not oneDNN-packed)."""
+    r = lw.router
+    return (r is not None and lw.q_norm is None and lw.qkv.panels is not None and lw.o.panels is not None
+            and (r.panels is not None or r.weight is not None))
 
 
 def run_pingpong(programs: list[Generator]) -> list[torch.Tensor]:

@@ -8,7 +8,8 @@ timed by wrapping the function that does it; "other" is the step's wall time min
 
     .venv/bin/python bench/step_breakdown.py [--batches 1 8 32 64] [--steps 16] [--dtype float32]
 
-Phases: attention (QKV, rotary, paged attention, O: per layer), router, experts (the expert rank's
+Phases: attention (QKV, rotary, paged attention, O: per layer; in decode steps where the layer runs
+as one `decode_block` call, also its norms, residual add and router), router, experts (the expert rank's
 grouped FFN, including its sort and sum), transfer (dispatch packing + handing over + combine, as
 the attention rank sees it, minus the expert compute it waited for), dense (norms, residuals,
 embedding), lm_head, sampler.
@@ -62,6 +63,7 @@ def timed(name: str, fn):
 
 def instrument() -> None:
     forward_mod.AttentionForward.attention = timed("attention", forward_mod.AttentionForward.attention)
+    forward_mod.AttentionForward.decode_block = timed("attention", forward_mod.AttentionForward.decode_block)
     forward_mod.route = timed("router", forward_mod.route)
     forward_mod.AttentionForward.logits = timed("lm_head", forward_mod.AttentionForward.logits)
     rank_mod.sample = timed("sampler", rank_mod.sample)

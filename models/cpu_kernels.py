@@ -17,7 +17,9 @@ Places where torch's own CPU ops measured far from what the machine can do:
   layer's experts, each on its own rows, in one parallel region; `moe_ffn` is a whole expert layer
   in one call (expert_node/experts.py).
 - Small per-layer ops at decode sizes, where torch's dispatch costs more than the work: `rms_norm`,
-  `rotary` (each rounding as the Hugging Face modules do), and the sampler's greedy pick `row_max`.
+  `rotary` (each rounding as the Hugging Face modules do), and the sampler's greedy pick `row_max`;
+  `decode_block` runs a decode step's whole attention block of one layer (those ops, the projections,
+  decode attention and the router's top-k) in one call from C++, bit-identical to the Python path.
 
 Measurements of each against torch: docs/performance.md.
 
@@ -44,7 +46,7 @@ _lock = threading.Lock()
 _built: dict = {}            # "ext" → the extension module, or None where it is unavailable
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "module.cpp")]
+SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "layer.cpp", "module.cpp")]
 HEADERS = ("kernels.h", "tiles.h")
 # Vectorised float reductions need reassociation; these allow that and nothing that changes how
 # infinities or NaNs behave (unlike -ffast-math).

@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory):
     cache = {}
 
     def make(family: str, **overrides) -> str:
-        key = (family, tuple(sorted(overrides.items())))
+        key = (family, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items())))
         if key not in cache:
             cache[key] = build_tiny(family, str(tmp_path_factory.mktemp(family)), **overrides)
         return cache[key]

@@ -7,6 +7,7 @@
 //    packed into column panels: float32 with AVX-512 (16 columns) or AVX2 FMA (8), bfloat16 with
 //    AVX-512 BF16);
 //    tiles.h holds their register tiles and weight formats;
+//  - layer.cpp: decode_block (a decode step's attention block of one layer, the calls above in one);
 //  - module.cpp: the Python module.
 #pragma once
 
@@ -52,3 +53,10 @@ at::Tensor panel_linear(at::Tensor x, at::Tensor panels);
 at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels, bool reverse);
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
                                            std::vector<at::Tensor> down, bool reverse);
+// layer.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(
+    at::Tensor h, at::Tensor in_norm, at::Tensor post_norm, double eps, at::Tensor qkv_panels,
+    c10::optional<at::Tensor> qkv_bias, int64_t heads, int64_t kv_heads, at::Tensor cos, at::Tensor sin,
+    at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tensor blocks, at::Tensor lens, int64_t block_size,
+    double scale, at::Tensor o_panels, c10::optional<at::Tensor> o_bias, c10::optional<at::Tensor> router_panels,
+    c10::optional<at::Tensor> router_weight, c10::optional<at::Tensor> router_bias, int64_t top_k, bool renormalize);

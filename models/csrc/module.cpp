@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary position embedding, rotate_half convention (CPU, float32 or bfloat16)");
   m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
   m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
+  m.def("decode_block", &decode_block, "one layer's attention block for decode rows: RMSNorm, QKV, rotary, cache write, "
+        "decode attention, O, residual, RMSNorm, router and top-k, in one call (CPU, float32 or bfloat16)");
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
   m.def("float_panel_cols", &float_panel_cols, "columns per float32 panel: 16 with AVX-512, 8 with AVX2 only");
   m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");
