@@ -40,6 +40,46 @@ inline void prefetch_ahead(const void* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
 
+// The next unit's weight, fetched into L2 a line at a time while this one computes (see the top).
+struct Ahead {
+  const char* p = nullptr;
+  int64_t left = 0;
+  inline void step() {
+    if (left > 0) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+      --left;
+    }
+  }
+};
+
+// One register of float32 columns, for the row tiles: 8 (AVX2, streaming with prefetch_ahead) or 16
+// (AVX-512, which does without; see the top).
+struct Ymm {
+  using T = __m256;
+  static constexpr int kWidth = 8;
+  static constexpr bool kStreamPrefetch = true;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
+#ifdef __AVX512F__
+struct Zmm {
+  using T = __m512;
+  static constexpr int kWidth = 16;
+  static constexpr bool kStreamPrefetch = false;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+#endif
+
 // The tiles read element (m, k) of x at x[k·sk + m·sm]. Row blocks of up to 8 rows are packed
 // transposed once per call (sk = M, sm = 1): the M values one k step broadcasts then sit in one or
 // two cache lines instead of M rows K floats apart (8-row expert products out of cache, both cores:
@@ -48,31 +88,34 @@ inline void prefetch_ahead(const void* p) {
 // Both tiles are inlined into panel_linear's switches: called through a pointer, GCC spilled the
 // accumulators to the stack on every k (2.3x slower).
 //
-// M rows × 8 columns, k unrolled U times into U sets of sums: an FMA waits ~4 cycles for the one
-// before it on the same sum, and two issue per cycle, so fewer than 8 independent sums leave the
-// FMA units idle (one row: a quarter of the rate, and the weight stream with it).
-template <int M, int U>
-__attribute__((always_inline)) inline void panel_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                      const float* __restrict__ p, float* __restrict__ y, int64_t ldy) {
-  __m256 acc[U][M];
+// M rows × one register of columns (V::kWidth), k unrolled U times into U sets of sums: an FMA waits
+// ~4 cycles for the one before it on the same sum, so too few independent sums leave the FMA units
+// idle (AVX2, two FMAs a cycle: at least 8 sums; AVX-512, one a cycle: at least 4). One row with
+// one set would run at a quarter of the rate, and the weight stream with it.
+template <class V, int M, int U>
+__attribute__((always_inline)) inline void row_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
+                                                    const float* __restrict__ p, float* __restrict__ y, int64_t ldy,
+                                                    Ahead& ahead) {
+  constexpr int W = V::kWidth;
+  typename V::T acc[U][M];
   for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[u][m] = V::zero();
   int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    for (int u = 0; u < U; u += 2) prefetch_ahead(p + (k + u) * 8);
+  for (; k + U <= K; k += U)
     for (int u = 0; u < U; ++u) {
-      const __m256 w = _mm256_loadu_ps(p + (k + u) * 8);
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (k + u) * sk + m * sm), w, acc[u][m]);
+      if (V::kStreamPrefetch && u % 2 == 0) prefetch_ahead(p + (k + u) * W);
+      ahead.step();
+      const auto w = V::load(p + (k + u) * W);
+      for (int m = 0; m < M; ++m) acc[u][m] = V::fma(V::bcast(x + (k + u) * sk + m * sm), w, acc[u][m]);
     }
-  }
   for (; k < K; ++k) {
-    const __m256 w = _mm256_loadu_ps(p + k * 8);
-    for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k * sk + m * sm), w, acc[0][m]);
+    const auto w = V::load(p + k * W);
+    for (int m = 0; m < M; ++m) acc[0][m] = V::fma(V::bcast(x + k * sk + m * sm), w, acc[0][m]);
   }
   for (int m = 0; m < M; ++m) {
-    __m256 sum = acc[0][m];
-    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][m]);
-    _mm256_storeu_ps(y + m * ldy, sum);
+    auto sum = acc[0][m];
+    for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][m]);
+    V::store(y + m * ldy, sum);
   }
 }
 
@@ -104,6 +147,7 @@ __attribute__((always_inline)) inline void pair_tile(const float* __restrict__ x
 // Rows m0.. of panel j (and j+1 when `pair`) in tiles of `rows` (≤ 8 single, ≤ 6 paired).
 __attribute__((always_inline)) inline void tile(bool pair, int64_t rows, const float* x, int64_t sk, int64_t sm, int64_t K,
                                                 const float* p, float* y, int64_t ldy) {
+  Ahead none;           // the AVX2 format fetches nothing ahead (measured on AVX-512 only)
   if (pair) {
     switch (rows) {
       case 6: pair_tile<6>(x, sk, sm, K, p, y, ldy); break;
@@ -116,14 +160,14 @@ __attribute__((always_inline)) inline void tile(bool pair, int64_t rows, const f
     return;
   }
   switch (rows) {       // U: at least 8 independent sums
-    case 8: panel_tile<8, 1>(x, sk, sm, K, p, y, ldy); break;
-    case 7: panel_tile<7, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 6: panel_tile<6, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 5: panel_tile<5, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 4: panel_tile<4, 2>(x, sk, sm, K, p, y, ldy); break;
-    case 3: panel_tile<3, 4>(x, sk, sm, K, p, y, ldy); break;
-    case 2: panel_tile<2, 4>(x, sk, sm, K, p, y, ldy); break;
-    default: panel_tile<1, 8>(x, sk, sm, K, p, y, ldy);
+    case 8: row_tile<Ymm, 8, 1>(x, sk, sm, K, p, y, ldy, none); break;
+    case 7: row_tile<Ymm, 7, 2>(x, sk, sm, K, p, y, ldy, none); break;
+    case 6: row_tile<Ymm, 6, 2>(x, sk, sm, K, p, y, ldy, none); break;
+    case 5: row_tile<Ymm, 5, 2>(x, sk, sm, K, p, y, ldy, none); break;
+    case 4: row_tile<Ymm, 4, 2>(x, sk, sm, K, p, y, ldy, none); break;
+    case 3: row_tile<Ymm, 3, 4>(x, sk, sm, K, p, y, ldy, none); break;
+    case 2: row_tile<Ymm, 2, 4>(x, sk, sm, K, p, y, ldy, none); break;
+    default: row_tile<Ymm, 1, 8>(x, sk, sm, K, p, y, ldy, none);
   }
 }
 
@@ -140,18 +184,6 @@ inline void panel_unit(const float* x, int64_t M, int64_t K, const float* panels
   }
 }
 
-// The next unit's weight, fetched into L2 a line at a time while this one computes (see the top).
-struct Ahead {
-  const char* p = nullptr;
-  int64_t left = 0;
-  inline void step() {
-    if (left > 0) {
-      _mm_prefetch(p, _MM_HINT_T1);
-      p += 64;
-      --left;
-    }
-  }
-};
 
 // Panel j (and j+1 when `pair`) of weight `weight`, for all of that weight's rows.
 struct Unit {
@@ -208,32 +240,6 @@ struct F32x8 {
 // ~25-30). With a 16-column register per row each cache line of weight costs half the instructions,
 // so the reorder window holds twice the bytes in flight (a synthetic stream with 8 FMAs per 64 bytes:
 // 28 GB/s, against 12.5 with 8 per 32 bytes).
-// M rows × 16 columns, k unrolled U times: an FMA waits ~4 cycles for the one before it on the same
-// sum and one issues per cycle, so fewer than 4 rows take U sets of sums.
-template <int M, int U>
-__attribute__((always_inline)) inline void zmm_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
-                                                    const float* __restrict__ p, float* __restrict__ y, int64_t ldy, Ahead& ahead) {
-  __m512 acc[U][M];
-  for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U)
-    for (int u = 0; u < U; ++u) {
-      ahead.step();
-      const __m512 w = _mm512_loadu_ps(p + (k + u) * 16);
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(k + u) * sk + m * sm]), w, acc[u][m]);
-    }
-  for (; k < K; ++k) {
-    const __m512 w = _mm512_loadu_ps(p + k * 16);
-    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[k * sk + m * sm]), w, acc[0][m]);
-  }
-  for (int m = 0; m < M; ++m) {
-    __m512 sum = acc[0][m];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
-    _mm512_storeu_ps(y + m * ldy, sum);
-  }
-}
-
 // M rows × 32 columns: panels p0 and p1 = p0 + 16K side by side (up to 12 rows: 24 sums, two weight
 // registers and a broadcast of the 32 registers), one broadcast per two FMAs.
 template <int M>
@@ -278,14 +284,14 @@ __attribute__((always_inline)) inline void zmm_rows(bool pair, int64_t rows, con
     return;
   }
   switch (rows) {       // U: at least 4 independent sums
-    case 8: zmm_tile<8, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 7: zmm_tile<7, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 6: zmm_tile<6, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 5: zmm_tile<5, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 4: zmm_tile<4, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 3: zmm_tile<3, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 2: zmm_tile<2, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
-    default: zmm_tile<1, 4>(x, sk, sm, K, p, y, ldy, ahead);
+    case 8: row_tile<Zmm, 8, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 7: row_tile<Zmm, 7, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 6: row_tile<Zmm, 6, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 5: row_tile<Zmm, 5, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 4: row_tile<Zmm, 4, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 3: row_tile<Zmm, 3, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 2: row_tile<Zmm, 2, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
+    default: row_tile<Zmm, 1, 4>(x, sk, sm, K, p, y, ldy, ahead);
   }
 }
 
