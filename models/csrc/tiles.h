@@ -58,6 +58,7 @@ struct Ahead {
 struct Ymm {
   using T = __m256;
   static constexpr int kWidth = 8;
+  static constexpr int kSums = 8;             // two FMAs a cycle, ~4 cycles each
   static constexpr bool kStreamPrefetch = true;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
@@ -70,6 +71,7 @@ struct Ymm {
 struct Zmm {
   using T = __m512;
   static constexpr int kWidth = 16;
+  static constexpr int kSums = 4;             // one FMA a cycle
   static constexpr bool kStreamPrefetch = false;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
@@ -119,6 +121,29 @@ __attribute__((always_inline)) inline void row_tile(const float* __restrict__ x,
   }
 }
 
+// k unrolled so that M rows keep at least V::kSums sums in flight (a power of two).
+constexpr int unroll(int sums, int rows) {
+  int u = 1;
+  while (u * rows < sums) u *= 2;
+  return u;
+}
+
+// A single-panel tile of 1-8 rows.
+template <class V>
+__attribute__((always_inline)) inline void row_tiles(int64_t rows, const float* x, int64_t sk, int64_t sm, int64_t K,
+                                                     const float* p, float* y, int64_t ldy, Ahead& ahead) {
+  switch (rows) {
+    case 8: row_tile<V, 8, unroll(V::kSums, 8)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 7: row_tile<V, 7, unroll(V::kSums, 7)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 6: row_tile<V, 6, unroll(V::kSums, 6)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 5: row_tile<V, 5, unroll(V::kSums, 5)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 4: row_tile<V, 4, unroll(V::kSums, 4)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 3: row_tile<V, 3, unroll(V::kSums, 3)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    case 2: row_tile<V, 2, unroll(V::kSums, 2)>(x, sk, sm, K, p, y, ldy, ahead); break;
+    default: row_tile<V, 1, unroll(V::kSums, 1)>(x, sk, sm, K, p, y, ldy, ahead);
+  }
+}
+
 // M rows × 16 columns: panels p0 and p1 = p0 + 8K side by side.
 template <int M>
 __attribute__((always_inline)) inline void pair_tile(const float* __restrict__ x, int64_t sk, int64_t sm, int64_t K,
@@ -159,16 +184,7 @@ __attribute__((always_inline)) inline void tile(bool pair, int64_t rows, const f
     }
     return;
   }
-  switch (rows) {       // U: at least 8 independent sums
-    case 8: row_tile<Ymm, 8, 1>(x, sk, sm, K, p, y, ldy, none); break;
-    case 7: row_tile<Ymm, 7, 2>(x, sk, sm, K, p, y, ldy, none); break;
-    case 6: row_tile<Ymm, 6, 2>(x, sk, sm, K, p, y, ldy, none); break;
-    case 5: row_tile<Ymm, 5, 2>(x, sk, sm, K, p, y, ldy, none); break;
-    case 4: row_tile<Ymm, 4, 2>(x, sk, sm, K, p, y, ldy, none); break;
-    case 3: row_tile<Ymm, 3, 4>(x, sk, sm, K, p, y, ldy, none); break;
-    case 2: row_tile<Ymm, 2, 4>(x, sk, sm, K, p, y, ldy, none); break;
-    default: row_tile<Ymm, 1, 8>(x, sk, sm, K, p, y, ldy, none);
-  }
+  row_tiles<Ymm>(rows, x, sk, sm, K, p, y, ldy, none);
 }
 
 // All row tiles of panel j (and j + 1 when `pair`) for the M rows of x (transposed [K, M] up to 8
@@ -283,16 +299,7 @@ __attribute__((always_inline)) inline void zmm_rows(bool pair, int64_t rows, con
     }
     return;
   }
-  switch (rows) {       // U: at least 4 independent sums
-    case 8: row_tile<Zmm, 8, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 7: row_tile<Zmm, 7, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 6: row_tile<Zmm, 6, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 5: row_tile<Zmm, 5, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 4: row_tile<Zmm, 4, 1>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 3: row_tile<Zmm, 3, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
-    case 2: row_tile<Zmm, 2, 2>(x, sk, sm, K, p, y, ldy, ahead); break;
-    default: row_tile<Zmm, 1, 4>(x, sk, sm, K, p, y, ldy, ahead);
-  }
+  row_tiles<Zmm>(rows, x, sk, sm, K, p, y, ldy, ahead);
 }
 
 // The float32 format with AVX-512: 16-column panels; 4 or more rows over panel pairs, in tiles of up
