@@ -251,11 +251,10 @@ struct F32x8 {
 
 #ifdef __AVX512F__
 // float32 with AVX-512: W [N, K] as panels [N/16, K, 16], one 64-byte load per k. Out of cache the
-// 8-column AVX2 tiles overlap the weight stream with the FMAs badly: an 8-row product, one core,
-// ran at about the sum of its memory time and its compute time (~12 GB/s where either alone allows
-// ~25-30). With a 16-column register per row each cache line of weight costs half the instructions,
-// so the reorder window holds twice the bytes in flight (a synthetic stream with 8 FMAs per 64 bytes:
-// 28 GB/s, against 12.5 with 8 per 32 bytes).
+// 8-column AVX2 tiles ran many rows far below both limits (an 8-row product, one core, ~12 GB/s where
+// the cache rate and the memory each allow ~25-30). With a 16-column register per row a cache line of
+// weight costs half the instructions; bench/stream_overlap.cpp shows the 8-wide 8-row loop halving
+// (in cache too) once it carries one more instruction per line, the 16-wide one unmoved.
 // M rows × 32 columns: panels p0 and p1 = p0 + 16K side by side (up to 12 rows: 24 sums, two weight
 // registers and a broadcast of the 32 registers), one broadcast per two FMAs.
 template <int M>
