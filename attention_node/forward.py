@@ -9,6 +9,11 @@ expert ranks work on this one; when resumed it waits for the combine and goes on
 is that executor: round-robin over the programs, so with m micro-batches the dispatch order on
 every attention rank is (layer 0, mb 0), (layer 0, mb 1), …, (layer 1, mb 0), … — the order the
 expert ranks consume. With m = 1 the same code runs without overlap.
+
+On the CPU, a micro-batch of decode rows runs each MoE layer's attention block (norms, QKV, rotary,
+cache write, attention, O, residual, router top-k) as one `decode_block` kernel call: the same
+kernels in the same order as the Python path below, which stays the reference (and runs prefill
+rows, q/k norms, dense layers, GPUs).
 """
 
 from __future__ import annotations
