@@ -93,6 +93,7 @@ class AttentionForward:
         self.cache = cache
         self.rotary = rotary
         self.transfer = transfer
+        self.in_block = [_fits_block(lw) for lw in weights.layers]     # layers `decode_block` covers
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
                   cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -118,7 +119,7 @@ class AttentionForward:
         cos_sin = self.rotary.at(batch.positions)
         block = self._block_kernel(h, batch)
         for layer, lw in enumerate(self.w.layers):
-            if block is not None and _fits_block(lw):      # h += attention, x = norm(h), routing: one call
+            if block is not None and self.in_block[layer]:      # h += attention, x = norm(h), routing: one call
                 x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
             else:
                 if h.shape[0]:      # h is this program's own tensor (the embedding lookup made it): added in place
@@ -144,8 +145,7 @@ class AttentionForward:
     def _block_kernel(self, h: torch.Tensor, batch: AttentionBatch):
         """The CPU kernels where this micro-batch's MoE layers can run their attention block as one call
         (`decode_block`: every row a decode token, the decode attention kernel in use), else None."""
-        rows = h.shape[0]
-        if not rows or batch.prefills or batch.decode_rows.numel() != rows or self.cache.decode_kernel is None:
+        if not h.shape[0] or batch.decode_rows.numel() != h.shape[0] or self.cache.decode_kernel is None:
             return None
         return for_tensor(h)
 
@@ -157,8 +157,8 @@ class AttentionForward:
         return kernels.decode_block(
             h, lw.input_norm, lw.post_norm, s.rms_norm_eps, lw.qkv.panels, lw.qkv.bias, s.num_heads, s.num_kv_heads,
             cos_sin[0], cos_sin[1], self.cache.k[layer], self.cache.v[layer], batch.slots, batch.decode_blocks,
-            batch.decode_lens, self.cache.block_size, s.head_dim ** -0.5, lw.o.panels, lw.o.bias, r.panels,
-            r.weight if r.panels is None else None, r.bias, s.top_k, s.norm_topk_prob)
+            batch.decode_lens, self.cache.block_size, s.head_dim ** -0.5, lw.o.panels, lw.o.bias, r.panels, r.weight,
+            r.bias, s.top_k, s.norm_topk_prob)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] float32."""

@@ -14,9 +14,10 @@
 //    (24 sums of the 32 registers), rows spread evenly over the tiles;
 //  - AVX2: up to 8 rows one panel at a time; more in tiles of up to 6 rows over panel pairs (12
 //    sums, the most AVX2's 16 registers hold beside two weights and a broadcast).
-// Measured in docs/performance.md: 16-column panels moved an 8-row expert product out of cache from
-// ~22 to ~30 GB/s on both cores (12 rows +35%, 1 row +50%), because an AVX2 tile's stream and FMAs
-// overlap badly (its time is near the sum of the two, not the larger).
+// Measured in docs/performance.md: 16-column panels moved 8-row expert products out of cache from
+// ~22 to ~30 GB/s on both cores (6-32 rows +20-40%; 1-2 rows within the noise). The row-count
+// switches stay switches: one generic dispatch (a lambda per tile family) made the bfloat16
+// 64-row products 3-4% slower.
 // bfloat16 (where the CPU has AVX-512 BF16): W [N, K] as panels [N/16, K/2, 32]: panel j, pair kk
 // holds W[16j + c, 2kk + e] at 2c + e, so one 64-byte load gives 16 columns × 2 k, which one
 // vdpbf16ps multiplies by a broadcast pair (x[2kk], x[2kk + 1]) and adds into 16 float32 sums: half
@@ -87,7 +88,7 @@ struct Zmm {
 // two cache lines instead of M rows K floats apart (8-row expert products out of cache, both cores:
 // 34 → 25 ms for 8 layers' up projections); bigger blocks are read in place (sk = 1, sm = K), where
 // transposing cost more than it saved in prefill.
-// Both tiles are inlined into panel_linear's switches: called through a pointer, GCC spilled the
+// Every tile is inlined into its switch: called through a pointer, GCC spilled the
 // accumulators to the stack on every k (2.3x slower).
 //
 // M rows × one register of columns (V::kWidth), k unrolled U times into U sets of sums: an FMA waits
