@@ -9,6 +9,7 @@
 
 namespace {
 
+// a[r, i] = SiLU(h[r, i]) · h[r, I + i] for the p rows of h [p, 2I] (gate, then up), into float or bfloat16.
 template <typename A>
 void silu_mul(const float* h, int64_t p, int64_t I, A* a) {
   at::parallel_for(0, p, 4, [&](int64_t b, int64_t e) {

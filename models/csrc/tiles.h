@@ -474,24 +474,6 @@ struct BF16 {
   }
 };
 
-// a[r, i] = SiLU(h[r, i]) · h[r, I + i] for the p rows of h [p, 2I] (gate, then up), into float or bfloat16.
-inline __m512 exp16(__m512 x) {
-  // e^x = 2^n · e^t, n = round(x / ln 2), t = x − n·ln 2 (ln 2 in two parts) in [−ln2/2, ln2/2], where
-  // the Taylor series to t^6 is within 6e-8 relative; scalef makes 2^n and saturates to 0 or inf.
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  t = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417e-06f), t);
-  __m512 e = _mm512_set1_ps(1.f / 720);
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 120));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 24));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f / 6));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, n);
-}
-
 inline void store_masked(float* y, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(y, m, v); }
 inline void store_masked(c10::BFloat16* y, __mmask16 m, __m512 v) {
   _mm256_mask_storeu_epi16(y, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));

@@ -65,7 +65,10 @@ def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int
 
 
 @pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "torch"])
-@pytest.mark.parametrize("g,r,d,block_size", [(2, 4, 64, 16), (4, 1, 32, 4), (1, 3, 16, 8)])
+# Head dims 32/64/128/256 take the kernel's register passes (queries four at a time: r = 6 leaves two over;
+# d = 256 one query per V pass), d = 16 its scalar loops.
+@pytest.mark.parametrize("g,r,d,block_size", [(2, 4, 64, 16), (4, 1, 32, 4), (1, 3, 16, 8), (2, 6, 64, 4), (1, 8, 128, 16),
+                                              (1, 2, 256, 8)])
 def test_paged_attention_matches_reference(decode_kernel, g, r, d, block_size):
     cache = _run(decode_kernel, g, r, d, block_size)
     assert (cache.decode_kernel is not None) == decode_kernel
