@@ -118,6 +118,10 @@ class AttentionForward:
         h = self.w.embed[input_ids]                                       # [T, H]
         cos_sin = self.rotary.at(batch.positions)
         block = self._block_kernel(h, batch)
+        # An expert side that answers on this thread (a colocated node's one inline expert rank) is
+        # called directly: nothing to overlap or wait for, so no handle, no yield, no spans (unless
+        # the plan asks for a timeline, which keeps the dispatch/wait path and its spans).
+        direct = None if trace.keep_spans else self.transfer.inline_experts()
         for layer, lw in enumerate(self.w.layers):
             if block is not None and self.in_block[layer]:      # h += attention, x = norm(h), routing: one call
                 x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
@@ -129,6 +133,12 @@ class AttentionForward:
                     h.add_(swiglu(x, lw.ffn_up, lw.ffn_down))
                     continue
                 ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
+            if direct is not None:
+                routed = direct(step, layer, micro_batch, x, ids, weights.float())
+                if lw.ffn_up is not None:
+                    routed = routed + torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
+                h.add_(routed)
+                continue
             if lw.ffn_up is None:
                 trace.compute_ends(layer, micro_batch)
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)

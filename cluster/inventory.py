@@ -15,7 +15,6 @@ Glossary
 
 from __future__ import annotations
 
-import array
 import fcntl
 import socket
 import struct

@@ -56,22 +56,37 @@ class ExpertRank:
         """One (layer, micro-batch): the grouped experts over every attention rank's tokens; returns
         each attention rank's rows of local weighted sums. `serve` calls it for each message; a
         transfer backend may call it inline (transfer/inprocess.py)."""
+        counts = [h.shape[0] for h in batch.hidden]
+        if len(counts) == 1:        # one attention rank: its tensors as they are, no copies
+            return [self.compute_rows(batch.step, batch.layer, batch.micro_batch, batch.hidden[0], batch.topk_ids[0],
+                                      batch.topk_weights[0])]
+        out = self._forward(batch.step, batch.layer, batch.micro_batch, torch.cat(batch.hidden), torch.cat(batch.topk_ids),
+                            torch.cat(batch.topk_weights))
+        self.stats["empty_messages"] += counts.count(0)
+        return list(out.split(counts))
+
+    def compute_rows(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor) -> torch.Tensor:
+        """`compute` for one attention rank's rows (hidden [n, H], global ids and float32 weights [n, k]) →
+        local weighted sums [n, H]; the counters and the trace as `compute` keeps them. The in-process
+        backend calls it directly (inside the attention rank's inference mode), once a layer."""
+        self.stats["empty_messages"] += hidden.shape[0] == 0
+        return self._forward(step, layer, micro_batch, hidden, topk_ids, topk_weights)
+
+    def _forward(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
         t1 = time.perf_counter()
         t_start = time.time()
-        counts = [h.shape[0] for h in batch.hidden]
-        join = (lambda ts: ts[0]) if len(counts) == 1 else torch.cat   # one attention rank: no copies
-        out = self.shard.forward(batch.layer, join(batch.hidden), join(batch.topk_ids), join(batch.topk_weights),
-                                 reverse=batch.micro_batch % 2 == 1)
+        n = hidden.shape[0]
+        out = self.shard.forward(layer, hidden, topk_ids, topk_weights, reverse=micro_batch % 2 == 1)
         # The span ends when the outputs exist: the combine can land before this process gets to stamp
         # a time after sending it.
-        self.trace.append(TraceEvent("expert", self.rank, batch.step, batch.layer, batch.micro_batch, "expert",
-                                     t_start, time.time(), sum(counts)))
+        self.trace.append(TraceEvent("expert", self.rank, step, layer, micro_batch, "expert", t_start, time.time(), n))
         self.stats["micro_batches"] += 1
-        self.stats["tokens"] += sum(counts)
-        self.stats["empty_messages"] += counts.count(0)
-        self._count_reads((batch.step, batch.layer), [e for e, c in enumerate(self.shard.last_counts) if c])
+        self.stats["tokens"] += n
+        self._count_reads((step, layer), [e for e, c in enumerate(self.shard.last_counts) if c])
         self.stats["compute_s"] += time.perf_counter() - t1
-        return list(out.split(counts))
+        return out
 
     def _next(self):
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,13 @@ class AttentionEndpoint(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Tell every expert rank this attention rank is done (their loops end), then leave the data plane."""
+
+    def inline_experts(self) -> Callable[..., torch.Tensor] | None:
+        """Where the expert side answers a layer on the calling thread with nothing to overlap (the
+        in-process backend with one inline expert rank): a function (step, layer, micro_batch, hidden,
+        topk_ids, float32 topk_weights) → routed-expert output [T, H], which the attention rank calls
+        in place of dispatch_launch + combine_wait. None (the default) everywhere else."""
+        return None
 
 
 class ExpertEndpoint(abc.ABC):

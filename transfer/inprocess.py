@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from transfer.base import ATTENTION, AttentionEndpoint, DataPlane, ExpertBatch, ExpertEndpoint, TransferError
-from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, merge_combine, unpack_payload
+from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, merge_combine, route_plan, unpack_payload
 
 
 class Hub:
@@ -27,17 +27,22 @@ class Hub:
     `inline[e]`, when set, is expert rank e's compute (ExpertBatch → one output per attention rank),
     called on the dispatching thread instead of queuing the message for a serving thread: with one
     attention rank and one micro-batch the sides take turns anyway, and a thread switch per layer
-    costs more than it overlaps."""
+    costs more than it overlaps. `rows[e]`, when given too, is the same for one attention rank's rows
+    as tensors ((step, layer, micro-batch, hidden, topk_ids, float32 topk_weights) → [n, H]), with no
+    ExpertBatch or list around them (`ExpertRank.compute_rows`)."""
 
     def __init__(self, num_attention: int, num_expert: int):
         self.to_expert = [[queue.SimpleQueue() for _ in range(num_attention)] for _ in range(num_expert)]     # [e][a]
         self.to_attention = [[queue.SimpleQueue() for _ in range(num_expert)] for _ in range(num_attention)]  # [a][e]
         self.inline: list[Callable[[ExpertBatch], list[torch.Tensor]] | None] = [None] * num_expert
+        self.rows: list[Callable[..., torch.Tensor] | None] = [None] * num_expert
 
-    def serve_inline(self, expert_rank: int, compute: Callable[[ExpertBatch], list[torch.Tensor]]) -> None:
+    def serve_inline(self, expert_rank: int, compute: Callable[[ExpertBatch], list[torch.Tensor]],
+                     rows: Callable[..., torch.Tensor] | None = None) -> None:
         if len(self.to_attention) != 1:
             raise ValueError("inline expert ranks need a single attention rank (each dispatch is then a whole message)")
         self.inline[expert_rank] = compute
+        self.rows[expert_rank] = rows
 
 
 def connect(plane: DataPlane, role: str, rank: int, device: torch.device) -> AttentionEndpoint | ExpertEndpoint:
@@ -58,6 +63,7 @@ def _get(q: queue.SimpleQueue, timeout_s: float | None, what: str):
 class _Dispatch:
     header: Header
     parts: list = field(default_factory=list)       # (expert rank, token index or None)
+    answers: list | None = None                     # inline expert ranks: their outputs, in `parts` order
 
 
 class InProcessAttention(AttentionEndpoint):
@@ -67,9 +73,12 @@ class InProcessAttention(AttentionEndpoint):
         self.hub: Hub = plane.local
 
     def dispatch_launch(self, step, layer, micro_batch, hidden, topk_ids, topk_weights) -> _Dispatch:
-        handle = _Dispatch(Header(KIND_DATA, step, layer, micro_batch, hidden.shape[0]))
+        T = hidden.shape[0]
+        handle = _Dispatch(Header(KIND_DATA, step, layer, micro_batch, T))
+        if all(c is not None for c in self.hub.inline):
+            return self._inline(handle, hidden, topk_ids, topk_weights)
         for e, (idx, payload) in enumerate(dispatch_rows(hidden, topk_ids, topk_weights, self.owner, self.plane.num_expert)):
-            n = hidden.shape[0] if idx is None else idx.numel()
+            n = T if idx is None else idx.numel()
             if n:
                 handle.parts.append((e, idx))
             compute = self.hub.inline[e]
@@ -81,12 +90,41 @@ class InProcessAttention(AttentionEndpoint):
                 self.hub.to_attention[self.rank][e].put(compute(ExpertBatch(step, layer, micro_batch, [h], [ids], [w]))[0])
         return handle
 
+    def _inline(self, handle: _Dispatch, hidden, topk_ids, topk_weights) -> _Dispatch:
+        """Every expert rank computes on this thread: each gets its rows as tensors, by reference (no
+        wire packing, no queue), and its answer waits in the handle. With one expert rank that is the
+        whole batch as it is; at batch 1 the packing and queuing cost ~0.1 ms a layer, more than the
+        attention block's kernels."""
+        step, layer, micro_batch, T = handle.header.step, handle.header.layer, handle.header.micro_batch, handle.header.count
+        weights = topk_weights.float()            # what the wire carries (float32 routing weights)
+        routes = [None] if self.plane.num_expert == 1 else route_plan(topk_ids, self.owner, self.plane.num_expert)
+        handle.answers = []
+        for e, idx in enumerate(routes):
+            if (T if idx is None else idx.numel()) == 0:
+                continue
+            rows = (hidden, topk_ids, weights) if idx is None else (hidden[idx], topk_ids[idx], weights[idx])
+            handle.parts.append((e, idx))
+            direct = self.hub.rows[e]
+            handle.answers.append(direct(step, layer, micro_batch, *rows) if direct is not None else
+                                  self.hub.inline[e](ExpertBatch(step, layer, micro_batch, *([t] for t in rows)))[0])
+        return handle
+
+    def inline_experts(self):
+        """One inline expert rank that takes rows directly (a colocated node's usual shape): its
+        `rows` function, which answers a layer on this thread; None otherwise."""
+        if self.plane.num_expert == 1 and self.hub.rows[0] is not None:
+            return self.hub.rows[0]
+        return None
+
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
         h = handle.header
-        where = f"step {h.step}, layer {h.layer}, micro-batch {h.micro_batch}"
-        parts = [(idx, _get(self.hub.to_attention[self.rank][e], self.plane.timeout_s,
-                            f"attention rank {self.rank}: no combine from expert rank {e} ({where})"))
-                 for e, idx in handle.parts]
+        if handle.answers is not None:
+            parts = [(idx, out) for (_, idx), out in zip(handle.parts, handle.answers)]
+        else:
+            where = f"step {h.step}, layer {h.layer}, micro-batch {h.micro_batch}"
+            parts = [(idx, _get(self.hub.to_attention[self.rank][e], self.plane.timeout_s,
+                                f"attention rank {self.rank}: no combine from expert rank {e} ({where})"))
+                     for e, idx in handle.parts]
         return merge_combine(h.count, parts, self.plane.hidden_size, self.plane.torch_dtype, self.device)
 
     def close(self) -> None:
