@@ -60,17 +60,22 @@ class AttentionBatch:
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
 
     @classmethod
-    def build(cls, chunks: list[SeqChunk], block_size: int, device: torch.device) -> "AttentionBatch":
+    def build(cls, chunks: list[SeqChunk], block_size: int, device: torch.device,
+              row_context: int = 0) -> "AttentionBatch":
+        """`row_context`: prefill chunks whose context (earlier tokens included) is at most this many
+        tokens are attended row by row, each row as a decode token whose context ends at itself
+        (causal), by the decode kernel that reads the cache in place; longer ones, and every chunk
+        where it is 0 (no kernel), as one causal block of matrix products."""
         positions, slots, decode_rows, decode_ctx, prefills, sample_rows = [], [], [], [], [], []
         row = 0
         for c in chunks:
             n = len(c.token_ids)
-            if n == 1 and c.start_pos == c.context_len - 1:     # decode: one new token; plain ints, no tensors
-                pos = c.start_pos
-                positions.append([pos])
-                slots.append([c.block_table[pos // block_size] * block_size + pos % block_size])
-                decode_rows.append(row)
-                decode_ctx.append((c.block_table[:-(-c.context_len // block_size)], c.context_len))
+            if n == 1 and c.start_pos == c.context_len - 1 or c.context_len <= row_context:   # rows as decode tokens
+                for i, pos in enumerate(range(c.start_pos, c.start_pos + n)):
+                    positions.append([pos])
+                    slots.append([c.block_table[pos // block_size] * block_size + pos % block_size])
+                    decode_rows.append(row + i)
+                    decode_ctx.append((c.block_table[:-(-(pos + 1) // block_size)], pos + 1))
             else:
                 table = torch.tensor(c.block_table, dtype=torch.long)
                 ctx_pos = torch.arange(c.context_len)

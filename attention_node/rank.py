@@ -28,6 +28,11 @@ from transfer.base import AttentionEndpoint
 LM_HEAD_ROWS = 128
 # A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
 SMALL_STEP_TOKENS = 128
+# Prefill chunks whose context is at most this many tokens are attended row by row by the CPU
+# decode kernel (each row a decode token whose context ends at itself), and their layers then run as
+# one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 512 tokens 6%; at 1024
+# tokens the matrix products win (docs/performance.md).
+ROW_PREFILL_CONTEXT = 512
 
 
 class AttentionRank:
@@ -91,7 +96,8 @@ class AttentionRank:
             tokens = sum(len(c.token_ids) for chunks in micro_batches for c in chunks)
             torch.set_num_threads(self.threads[0] if tokens <= SMALL_STEP_TOKENS else self.threads[1])
         for j, chunks in enumerate(micro_batches):
-            batch = AttentionBatch.build(chunks, self.cache.block_size, self.device)
+            batch = AttentionBatch.build(chunks, self.cache.block_size, self.device,
+                                         ROW_PREFILL_CONTEXT if self.cache.decode_kernel is not None else 0)
             input_ids = torch.tensor([t for c in chunks for t in self._tokens(c)], dtype=torch.long, device=self.device)
             programs.append(self.forward.program(plan.step, j, input_ids, batch, trace))
             sampled += [c for c in chunks if c.sample]

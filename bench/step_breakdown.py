@@ -84,7 +84,7 @@ class Colocated(InProcessRanks):
 def build(model_dir: str, batch: int, prompt_len: int, steps: int, dtype: str) -> Engine:
     spec = load_spec(model_dir)
     config = EngineConfig(max_batch_tokens=batch * prompt_len, max_num_seqs=batch, dtype=dtype, colocate=True,
-                          kv_cache_tokens=batch * (prompt_len + steps + 16), max_model_len=1024)
+                          kv_cache_tokens=batch * (prompt_len + steps + 16), max_model_len=max(1024, prompt_len + steps + 16))
     limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
                                  vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
     cores = os.cpu_count()

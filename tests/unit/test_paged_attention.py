@@ -30,7 +30,8 @@ def _reference(q, ks, vs):
     return (torch.softmax(scores, -1) @ v).transpose(0, 1)                     # [n, h, d]
 
 
-def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int = 0, dtype=torch.float32):
+def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int = 0, dtype=torch.float32,
+         row_context: int = 0):
     """One layer-1 step over a cache that already holds every sequence's earlier tokens."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -51,7 +52,9 @@ def _run(decode_kernel: bool, g: int, r: int, d: int, block_size: int, seed: int
         row += n
     T = row
     q, k, v = torch.randn(T, g * r, d, dtype=dtype), torch.randn(T, g, d, dtype=dtype), torch.randn(T, g, d, dtype=dtype)
-    batch = AttentionBatch.build(chunks, block_size, torch.device("cpu"))
+    batch = AttentionBatch.build(chunks, block_size, torch.device("cpu"), row_context)
+    if row_context:         # the prefill chunk's 7 rows went to the decode kernel too
+        assert batch.decode_rows.numel() == T and not batch.prefills
     out = paged_attention(q, k, v, cache, 1, batch)
     for start, n, ctx, table in spans:
         slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
@@ -79,6 +82,14 @@ def test_bfloat16_cache_matches_reference(decode_kernel):
     """bfloat16 caches: the kernel widens each cached value to float32 as it reads it, sums in float32."""
     cache = _run(decode_kernel, 2, 4, 64, 16, dtype=torch.bfloat16)
     assert (cache.decode_kernel is not None) == decode_kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g,r,d,block_size", [(2, 4, 64, 16), (1, 3, 16, 8)])
+def test_prefill_rows_through_the_decode_kernel_match_reference(g, r, d, block_size, dtype):
+    """A prefill chunk whose context fits `row_context` is attended row by row (each row a decode
+    token whose context ends at itself): the same causal attention as the block path."""
+    _run(True, g, r, d, block_size, dtype=dtype, row_context=64)
 
 
 def test_cpu_caches_use_the_kernel_unless_turned_off(monkeypatch):
