@@ -29,7 +29,7 @@ from attention_node.weights import AttentionWeights, LayerWeights
 from models.cpu_kernels import for_tensor
 from models.linear import Linear
 from models.spec import ModelSpec
-from transfer.base import AttentionEndpoint
+from transfer.base import AttentionEndpoint, InlineExperts
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,6 +94,7 @@ class AttentionForward:
         self.rotary = rotary
         self.transfer = transfer
         self.in_block = [_fits_block(lw) for lw in weights.layers]     # layers `decode_block` covers
+        self._fused = None           # the whole-step decode kernel: None until asked, False where it does not apply
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
                   cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -122,6 +123,12 @@ class AttentionForward:
         # called directly: nothing to overlap or wait for, so no handle, no yield, no spans (unless
         # the plan asks for a timeline, which keeps the dispatch/wait path and its spans).
         direct = None if trace.keep_spans else self.transfer.inline_experts()
+        fused = self._decode_layers(block, direct) if block is not None and direct is not None else None
+        if fused is not None:       # every layer, with its experts, in one kernel call
+            counts, times = fused.run(h, cos_sin[0], cos_sin[1], batch.slots, batch.decode_blocks, batch.decode_lens,
+                                      micro_batch % 2 == 1)
+            direct.record_decode(step, micro_batch, h.shape[0], counts, times)
+            return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
         for layer, lw in enumerate(self.w.layers):
             if block is not None and self.in_block[layer]:      # h += attention, x = norm(h), routing: one call
                 x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
@@ -134,7 +141,7 @@ class AttentionForward:
                     continue
                 ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
             if direct is not None:
-                routed = direct(step, layer, micro_batch, x, ids, weights.float())
+                routed = direct.compute_rows(step, layer, micro_batch, x, ids, weights.float())
                 if lw.ffn_up is not None:
                     routed = routed + torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
                 h.add_(routed)
@@ -158,6 +165,27 @@ class AttentionForward:
         if not h.shape[0] or batch.decode_rows.numel() != h.shape[0] or self.cache.decode_kernel is None:
             return None
         return for_tensor(h)
+
+    def _decode_layers(self, kernels, experts: InlineExperts):
+        """`DecodeLayers` (models/csrc/layer.cpp: every layer of a decode step and its expert layer in
+        one call) where every layer is an MoE layer that `decode_block` covers, none has a shared
+        expert, and the inline expert rank's weights are panel-packed; else None. Built on first use
+        (it holds this rank's weights and cache layers and the expert rank's panels)."""
+        if self._fused is None:
+            self._fused = False
+            layers, s = self.w.layers, self.spec
+            args = experts.decode_kernel_args() if all(self.in_block) and all(lw.ffn_up is None for lw in layers) else None
+            if args is not None and len(args[1]) == len(layers):
+                local, up, down = args
+                routers = [lw.router for lw in layers]
+                self._fused = kernels.DecodeLayers(
+                    [lw.input_norm for lw in layers], [lw.post_norm for lw in layers], s.rms_norm_eps,
+                    [lw.qkv.panels for lw in layers], [lw.qkv.bias for lw in layers], s.num_heads, s.num_kv_heads,
+                    [self.cache.k[i] for i in range(len(layers))], [self.cache.v[i] for i in range(len(layers))],
+                    self.cache.block_size, s.head_dim ** -0.5, [lw.o.panels for lw in layers], [lw.o.bias for lw in layers],
+                    [r.panels for r in routers], [r.weight for r in routers], [r.bias for r in routers], s.top_k,
+                    s.norm_topk_prob, local, up, down)
+        return self._fused or None
 
     def decode_block(self, kernels, layer: int, lw: LayerWeights, h: torch.Tensor, batch: AttentionBatch,
                      cos_sin: tuple[torch.Tensor, torch.Tensor]):

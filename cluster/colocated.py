@@ -41,7 +41,7 @@ class ColocatedRanks:
         self.expert_ranks = [ExpertRank(e, spec, ids, config.dtype, model_dir, connect(plane, EXPERT, e, device), device)
                              for e, ids in enumerate(experts)]
         for rank in self.expert_ranks:
-            hub.serve_inline(rank.rank, rank.compute, rank.compute_rows)
+            hub.serve_inline(rank.rank, rank.compute, rank)
         self.worker = AttentionRank(0, spec, config, limits, model_dir, connect(plane, ATTENTION, 0, device), device,
                                     attention_threads)
 

@@ -73,6 +73,28 @@ class ExpertRank:
         self.stats["empty_messages"] += hidden.shape[0] == 0
         return self._forward(step, layer, micro_batch, hidden, topk_ids, topk_weights)
 
+    def decode_kernel_args(self) -> tuple | None:
+        """(local index [E], up panels, down panels per MoE layer) where every MoE layer's experts are
+        panel-packed (`ExpertShard.grouped`), for the attention rank's whole-step decode kernel
+        (models/csrc/layer.cpp DecodeLayers); None otherwise."""
+        grouped = [self.shard.grouped.get(layer) for layer in self.spec.moe_layer_ids]
+        if not grouped or any(g is None for g in grouped):
+            return None
+        return self.shard.local_index, [g[1] for g in grouped], [g[2] for g in grouped]
+
+    def record_decode(self, step: int, micro_batch: int, rows: int, counts: torch.Tensor, times: torch.Tensor) -> None:
+        """What `compute_rows` counts and traces, for the MoE layers a whole-step decode kernel ran:
+        counts [L, X] rows per local expert, times [L, 2] each layer's expert start and end."""
+        spans = times.tolist()
+        for i, (layer, per_expert) in enumerate(zip(self.spec.moe_layer_ids, counts.tolist())):
+            start, end = spans[i]
+            self.trace.append(TraceEvent("expert", self.rank, step, layer, micro_batch, "expert", start, end, rows))
+            self.stats["compute_s"] += end - start
+            self._count_reads((step, layer), [e for e, c in enumerate(per_expert) if c])
+        self.stats["micro_batches"] += len(spans)
+        self.stats["tokens"] += rows * len(spans)
+        self.stats["empty_messages"] += len(spans) * (rows == 0)
+
     def _forward(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         t1 = time.perf_counter()

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -95,12 +95,27 @@ class AttentionEndpoint(abc.ABC):
     def close(self) -> None:
         """Tell every expert rank this attention rank is done (their loops end), then leave the data plane."""
 
-    def inline_experts(self) -> Callable[..., torch.Tensor] | None:
-        """Where the expert side answers a layer on the calling thread with nothing to overlap (the
-        in-process backend with one inline expert rank): a function (step, layer, micro_batch, hidden,
-        topk_ids, float32 topk_weights) → routed-expert output [T, H], which the attention rank calls
-        in place of dispatch_launch + combine_wait. None (the default) everywhere else."""
+    def inline_experts(self) -> InlineExperts | None:
+        """Where the expert side answers on the calling thread with nothing to overlap (the in-process
+        backend with one inline expert rank): that expert rank, which the attention rank calls in place
+        of dispatch_launch + combine_wait. None (the default) everywhere else."""
         return None
+
+
+class InlineExperts(Protocol):
+    """An expert rank that answers on the attention rank's thread (expert_node/rank.py ExpertRank)."""
+
+    def compute_rows(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor) -> torch.Tensor:
+        """One layer: hidden [T, H], global expert ids and float32 weights [T, k] → routed output [T, H]."""
+
+    def decode_kernel_args(self) -> tuple | None:
+        """(local index [E], up panels, down panels per MoE layer) for a whole-step decode kernel
+        (models/csrc/layer.cpp DecodeLayers), or None where its weights are not panel-packed."""
+
+    def record_decode(self, step: int, micro_batch: int, rows: int, counts: torch.Tensor, times: torch.Tensor) -> None:
+        """The counters and trace `compute_rows` keeps, for the MoE layers such a kernel ran:
+        counts [L, X] rows per local expert, times [L, 2] each layer's start and end (time.time())."""
 
 
 class ExpertEndpoint(abc.ABC):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transfer.base import ATTENTION, AttentionEndpoint, DataPlane, ExpertBatch, ExpertEndpoint, TransferError
+from transfer.base import (ATTENTION, AttentionEndpoint, DataPlane, ExpertBatch, ExpertEndpoint, InlineExperts,
+                           TransferError)
 from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, merge_combine, route_plan, unpack_payload
 
 
@@ -27,22 +28,22 @@ class Hub:
     `inline[e]`, when set, is expert rank e's compute (ExpertBatch → one output per attention rank),
     called on the dispatching thread instead of queuing the message for a serving thread: with one
     attention rank and one micro-batch the sides take turns anyway, and a thread switch per layer
-    costs more than it overlaps. `rows[e]`, when given too, is the same for one attention rank's rows
-    as tensors ((step, layer, micro-batch, hidden, topk_ids, float32 topk_weights) → [n, H]), with no
-    ExpertBatch or list around them (`ExpertRank.compute_rows`)."""
+    costs more than it overlaps. `expert[e]`, when given too, is the expert rank itself
+    (`transfer.base.InlineExperts`): its `compute_rows` takes one attention rank's rows as tensors,
+    with no ExpertBatch or list around them."""
 
     def __init__(self, num_attention: int, num_expert: int):
         self.to_expert = [[queue.SimpleQueue() for _ in range(num_attention)] for _ in range(num_expert)]     # [e][a]
         self.to_attention = [[queue.SimpleQueue() for _ in range(num_expert)] for _ in range(num_attention)]  # [a][e]
         self.inline: list[Callable[[ExpertBatch], list[torch.Tensor]] | None] = [None] * num_expert
-        self.rows: list[Callable[..., torch.Tensor] | None] = [None] * num_expert
+        self.expert: list[InlineExperts | None] = [None] * num_expert
 
     def serve_inline(self, expert_rank: int, compute: Callable[[ExpertBatch], list[torch.Tensor]],
-                     rows: Callable[..., torch.Tensor] | None = None) -> None:
+                     expert: InlineExperts | None = None) -> None:
         if len(self.to_attention) != 1:
             raise ValueError("inline expert ranks need a single attention rank (each dispatch is then a whole message)")
         self.inline[expert_rank] = compute
-        self.rows[expert_rank] = rows
+        self.expert[expert_rank] = expert
 
 
 def connect(plane: DataPlane, role: str, rank: int, device: torch.device) -> AttentionEndpoint | ExpertEndpoint:
@@ -104,17 +105,14 @@ class InProcessAttention(AttentionEndpoint):
                 continue
             rows = (hidden, topk_ids, weights) if idx is None else (hidden[idx], topk_ids[idx], weights[idx])
             handle.parts.append((e, idx))
-            direct = self.hub.rows[e]
-            handle.answers.append(direct(step, layer, micro_batch, *rows) if direct is not None else
+            expert = self.hub.expert[e]
+            handle.answers.append(expert.compute_rows(step, layer, micro_batch, *rows) if expert is not None else
                                   self.hub.inline[e](ExpertBatch(step, layer, micro_batch, *([t] for t in rows)))[0])
         return handle
 
-    def inline_experts(self):
-        """One inline expert rank that takes rows directly (a colocated node's usual shape): its
-        `rows` function, which answers a layer on this thread; None otherwise."""
-        if self.plane.num_expert == 1 and self.hub.rows[0] is not None:
-            return self.hub.rows[0]
-        return None
+    def inline_experts(self) -> InlineExperts | None:
+        """The one inline expert rank, where it was given as itself (a colocated node's usual shape)."""
+        return self.hub.expert[0] if self.plane.num_expert == 1 else None
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
         h = handle.header

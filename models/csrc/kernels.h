@@ -7,7 +7,8 @@
 //    packed into column panels: float32 with AVX-512 (16 columns) or AVX2 FMA (8), bfloat16 with
 //    AVX-512 BF16);
 //    tiles.h holds their register tiles and weight formats;
-//  - layer.cpp: decode_block (a decode step's attention block of one layer, the calls above in one);
+//  - layer.cpp: decode_block (a decode step's attention block of one layer, the calls above in one) and
+//    DecodeLayers (every layer of a decode step, with the expert layer, for a colocated node);
 //  - module.cpp: the Python module.
 #pragma once
 
@@ -30,6 +31,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -80,3 +82,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(
     at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tensor blocks, at::Tensor lens, int64_t block_size,
     double scale, at::Tensor o_panels, c10::optional<at::Tensor> o_bias, c10::optional<at::Tensor> router_panels,
     c10::optional<at::Tensor> router_weight, c10::optional<at::Tensor> router_bias, int64_t top_k, bool renormalize);
+
+// Every MoE layer of a decode step in one call (layer.cpp says when and why): built once per
+// attention rank from its layers' weights and its expert rank's; `run` returns the rows per local
+// expert of each layer [L, X] int64 and each layer's expert compute start and end [L, 2] (seconds
+// since the epoch, as Python's time.time()).
+class DecodeLayers {
+ public:
+  DecodeLayers(std::vector<at::Tensor> in_norm, std::vector<at::Tensor> post_norm, double eps, std::vector<at::Tensor> qkv,
+               std::vector<c10::optional<at::Tensor>> qkv_bias, int64_t heads, int64_t kv_heads,
+               std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, int64_t block_size, double scale,
+               std::vector<at::Tensor> o, std::vector<c10::optional<at::Tensor>> o_bias,
+               std::vector<c10::optional<at::Tensor>> router_panels, std::vector<c10::optional<at::Tensor>> router_weight,
+               std::vector<c10::optional<at::Tensor>> router_bias, int64_t top_k, bool renormalize, at::Tensor local_index,
+               std::vector<std::vector<at::Tensor>> up, std::vector<std::vector<at::Tensor>> down);
+  // h [T, H] (every row a decode token) is updated in place through every layer.
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor slots,
+                                         at::Tensor blocks, at::Tensor lens, bool reverse);
+
+ private:
+  std::vector<at::Tensor> in_norm_, post_norm_, qkv_;
+  std::vector<c10::optional<at::Tensor>> qkv_bias_;
+  std::vector<at::Tensor> k_cache_, v_cache_, o_;
+  std::vector<c10::optional<at::Tensor>> o_bias_, router_panels_, router_weight_, router_bias_;
+  std::vector<std::vector<at::Tensor>> up_, down_;
+  at::Tensor local_index_;
+  double eps_, scale_;
+  int64_t heads_, kv_heads_, block_size_, top_k_;
+  bool renormalize_;
+};

@@ -1,5 +1,6 @@
 // One decode step's attention block of one layer in one call (kernels.h lists the files).
 
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/topk.h>
@@ -49,4 +50,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(
   auto [weights, ids] = at::topk(probs, top_k, -1);
   if (renormalize) weights = weights.div(weights.sum(-1, true));
   return {x, ids, weights.to(h.scalar_type())};
+}
+
+// ---- DecodeLayers -------------------------------------------------------------------------------
+// Every layer of a decode step in one call, where the attention rank and its one expert rank share a
+// process (a colocated node: transfer/inprocess.py hands the attention rank the expert rank): per
+// layer `decode_block`, then `moe_ffn` over the expert rank's local experts, then h += their output.
+// At batch 1 the Python between those two kernel calls, a layer at a time, cost ~0.3 ms a step
+// (8 layers) on the 2-core VM. The same calls in the same order as the per-layer path (the expert
+// rank's `compute_rows`): bit-identical results.
+DecodeLayers::DecodeLayers(std::vector<at::Tensor> in_norm, std::vector<at::Tensor> post_norm, double eps,
+                           std::vector<at::Tensor> qkv, std::vector<c10::optional<at::Tensor>> qkv_bias, int64_t heads,
+                           int64_t kv_heads, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
+                           int64_t block_size, double scale, std::vector<at::Tensor> o,
+                           std::vector<c10::optional<at::Tensor>> o_bias, std::vector<c10::optional<at::Tensor>> router_panels,
+                           std::vector<c10::optional<at::Tensor>> router_weight,
+                           std::vector<c10::optional<at::Tensor>> router_bias, int64_t top_k, bool renormalize,
+                           at::Tensor local_index, std::vector<std::vector<at::Tensor>> up,
+                           std::vector<std::vector<at::Tensor>> down)
+    : in_norm_(std::move(in_norm)), post_norm_(std::move(post_norm)), qkv_(std::move(qkv)), qkv_bias_(std::move(qkv_bias)),
+      k_cache_(std::move(k_cache)), v_cache_(std::move(v_cache)), o_(std::move(o)), o_bias_(std::move(o_bias)),
+      router_panels_(std::move(router_panels)), router_weight_(std::move(router_weight)),
+      router_bias_(std::move(router_bias)), up_(std::move(up)), down_(std::move(down)),
+      local_index_(std::move(local_index)), eps_(eps), scale_(scale), heads_(heads), kv_heads_(kv_heads),
+      block_size_(block_size), top_k_(top_k), renormalize_(renormalize) {
+  const size_t L = in_norm_.size();
+  TORCH_CHECK(L > 0, "DecodeLayers: no layers");
+  for (const auto* v : {&post_norm_, &qkv_, &k_cache_, &v_cache_, &o_})
+    TORCH_CHECK(v->size() == L, "DecodeLayers: ", L, " layers of norms, but ", v->size(), " of another weight");
+  for (const auto* v : {&qkv_bias_, &o_bias_, &router_panels_, &router_weight_, &router_bias_})
+    TORCH_CHECK(v->size() == L, "DecodeLayers: ", L, " layers, but ", v->size(), " optional weights of one kind");
+  TORCH_CHECK(up_.size() == L && down_.size() == L, "DecodeLayers: one list of expert weights per layer");
+  TORCH_CHECK(local_index_.dim() == 1 && local_index_.scalar_type() == at::kLong && local_index_.is_contiguous(),
+              "DecodeLayers: local_index must be a contiguous int64 [E]");
+}
+
+std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor slots,
+                                                     at::Tensor blocks, at::Tensor lens, bool reverse) {
+  const int64_t L = in_norm_.size(), X = up_[0].size();
+  auto counts = at::zeros({L, X}, at::TensorOptions().dtype(at::kLong));
+  auto times = at::empty({L, 2}, at::TensorOptions().dtype(at::kDouble));
+  int64_t* cp = counts.data_ptr<int64_t>();
+  double* tp = times.data_ptr<double>();
+  const auto now = [] {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    auto [x, ids, weights] = decode_block(h, in_norm_[l], post_norm_[l], eps_, qkv_[l], qkv_bias_[l], heads_, kv_heads_,
+                                          cos, sin, k_cache_[l], v_cache_[l], slots, blocks, lens, block_size_, scale_,
+                                          o_[l], o_bias_[l], router_panels_[l], router_weight_[l], router_bias_[l], top_k_,
+                                          renormalize_);
+    tp[2 * l] = now();
+    auto [out, c] = moe_ffn(x, local_index_.index_select(0, ids.flatten()).view(ids.sizes()), weights.to(at::kFloat),
+                            up_[l], down_[l], reverse);
+    tp[2 * l + 1] = now();
+    TORCH_CHECK(c.numel() == X, "DecodeLayers: layer ", l, " has ", c.numel(), " local experts, layer 0 has ", X);
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + X, cp + l * X);
+    h.add_(out);
+  }
+  return {counts, times};
 }

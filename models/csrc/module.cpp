@@ -17,6 +17,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
   m.def("decode_block", &decode_block, "one layer's attention block for decode rows: RMSNorm, QKV, rotary, cache write, "
         "decode attention, O, residual, RMSNorm, router and top-k, in one call (CPU, float32 or bfloat16)");
+  pybind11::class_<DecodeLayers>(m, "DecodeLayers", "every MoE layer of a decode step in one call: decode_block, "
+                                 "the expert rank's moe_ffn, the residual add (a colocated node's one expert rank)")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, double, std::vector<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>, int64_t, int64_t, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, int64_t, double, std::vector<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>,
+                          std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>, int64_t, bool,
+                          at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<std::vector<at::Tensor>>>())
+      .def("run", &DecodeLayers::run);
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
   m.def("float_panel_cols", &float_panel_cols, "columns per float32 panel: 16 with AVX-512, 8 with AVX2 only");
   m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");
