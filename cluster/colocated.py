@@ -8,7 +8,10 @@ disaggregated deployment, but connects them through the in-process transfer back
 computes each message as it is dispatched, on the attention rank's thread (`Hub.serve_inline`): the
 sides take turns anyway, and a thread per expert rank cost a thread switch per layer and, on small
 batches, more time in the experts than the switch itself (measured in docs/performance.md). The
-head cannot tell the difference: this actor answers the attention rank's calls. Multi-node and
+head cannot tell the difference: this actor answers the attention rank's calls. With one expert
+rank the attention rank calls it directly (`AttentionEndpoint.inline_experts`): a layer at a time
+(`ExpertRank.compute_rows`), or every layer of a decode step in one kernel call (`DecodeLayers`,
+models/csrc/layer.cpp), the expert rank still counting and tracing its work. Multi-node and
 multi-GPU deployments keep one process per rank.
 """
 

@@ -6,7 +6,10 @@ Places where torch's own CPU ops measured far from what the machine can do:
   copy; at 64 sequences that gather (a write, then a second read of all of it, padding included)
   was most of the attention rank's time in a decode step. `paged_decode` walks each sequence's
   block table and reads each cached row once, up to that sequence's length (float32 or bfloat16
-  caches; sums in float32). `kv_write` puts a step's new K and V rows into the cache.
+  caches; sums in float32; with AVX-512 each row as d/16 registers, four queries' scores reduced
+  together, a head's scores, softmax and values back to back). Short prefill chunks go through it
+  too, each row a decode token whose context ends at itself (attention_node/rank.py says when).
+  `kv_write` puts a step's new K and V rows into the cache.
 - Few-row matrix products (decode and chunked prefill: 1-256 rows per expert), where oneDNN's
   prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a float32
   weight in 16-column panels (one AVX-512 register; 8 columns where the CPU has only AVX2): few
@@ -19,7 +22,9 @@ Places where torch's own CPU ops measured far from what the machine can do:
 - Small per-layer ops at decode sizes, where torch's dispatch costs more than the work: `rms_norm`,
   `rotary` (each rounding as the Hugging Face modules do), and the sampler's greedy pick `row_max`;
   `decode_block` runs a decode step's whole attention block of one layer (those ops, the projections,
-  decode attention and the router's top-k) in one call from C++, bit-identical to the Python path.
+  decode attention and the router's top-k) in one call from C++, bit-identical to the Python path;
+  `DecodeLayers` runs every layer of a decode step, the expert layer included, in one call where a
+  colocated node's attention rank and its one expert rank share the process.
 
 Measurements of each against torch: docs/performance.md.
 

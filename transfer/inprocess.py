@@ -5,7 +5,9 @@ rank → expert rank pair and one back). Dispatch routes and packs exactly as th
 backend does (`transfer/messages.py`), but the messages are tensors passed by reference: no copy
 through a socket, no process switch, no rendezvous. Expert ranks are still driven by the messages
 (their serve loop runs on its own thread), so the rest of the system cannot tell this backend from
-another. Deadlines are the same as elsewhere: a wait on a peer thread that never answers raises
+another. Expert ranks that compute inline (a colocated node's) get their rows as the attention
+rank's own tensors, not packed; where there is one, it is offered to the attention rank to call
+directly (`inline_experts`). Deadlines are the same as elsewhere: a wait on a peer thread that never answers raises
 TransferError after `timeout_s`; an idle expert rank's wait for the next message is open-ended.
 """
 
