@@ -10,9 +10,10 @@ timed by wrapping the function that does it; "other" is the step's wall time min
 
 Phases: attention (QKV, rotary, paged attention, O: per layer; in decode steps where the layer runs
 as one `decode_block` call, also its norms, residual add and router), router, experts (the expert rank's
-grouped FFN, including its sort and sum), transfer (dispatch packing + handing over + combine, as
-the attention rank sees it, minus the expert compute it waited for), dense (norms, residuals,
-embedding), lm_head, sampler.
+grouped FFN, including its sort and sum), layers (decode steps whose every layer, experts included,
+runs as one `DecodeLayers` call: attention and experts together), lm_head, sampler; "other" is the
+rest (batch building, the head's scheduling, the Python around the calls). `--layer-by-layer` turns
+the one-call step off, so that its attention and expert phases show separately.
 """
 
 from __future__ import annotations
@@ -61,7 +62,23 @@ def timed(name: str, fn):
     return wrapper
 
 
-def instrument() -> None:
+class _TimedLayers:
+    """A `DecodeLayers` whose `run` is timed as the "layers" phase."""
+
+    def __init__(self, fused):
+        self.fused = fused
+        self.run = timed("layers", fused.run)
+
+
+def instrument(layer_by_layer: bool = False) -> None:
+    real = forward_mod.AttentionForward._decode_layers
+
+    def decode_layers(self, kernels, experts):
+        if layer_by_layer:
+            return None
+        fused = real(self, kernels, experts)
+        return None if fused is None else _TimedLayers(fused)
+    forward_mod.AttentionForward._decode_layers = decode_layers
     forward_mod.AttentionForward.attention = timed("attention", forward_mod.AttentionForward.attention)
     forward_mod.AttentionForward.decode_block = timed("attention", forward_mod.AttentionForward.decode_block)
     forward_mod.route = timed("router", forward_mod.route)
@@ -123,6 +140,8 @@ def main() -> None:
     ap.add_argument("--cache", default=BENCH_MODEL_DIR)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_breakdown.json"))
     ap.add_argument("--label", default="", help="a name for this result in plots")
+    ap.add_argument("--layer-by-layer", action="store_true",
+                    help="run decode steps a layer at a time (no DecodeLayers call), so that attention and experts show apart")
     ap.add_argument("--plot", nargs="+", metavar="RESULT.json",
                     help="draw saved results side by side (stacked bars per batch) into --png instead of measuring")
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "step_breakdown.png"))
@@ -131,7 +150,7 @@ def main() -> None:
         plot(args.plot, args.png)
         return
     model_dir = build_model(args.cache)
-    instrument()
+    instrument(args.layer_by_layer)
     rows = []
     for b in args.batches:
         engine = build(model_dir, b, args.prompt_len, args.steps, args.dtype)
@@ -155,7 +174,7 @@ def main() -> None:
                    "label": args.label}, f, indent=1)
 
 
-PHASES = ["attention", "router", "experts", "lm_head", "sampler", "other"]
+PHASES = ["attention", "router", "experts", "layers", "lm_head", "sampler", "other"]
 
 
 def plot(results: list[str], png: str) -> None:
@@ -180,7 +199,7 @@ def plot(results: list[str], png: str) -> None:
                 ax.bar(i + (k - (len(runs) - 1) / 2) * width, v, width * 0.95, bottom=bottom, color=colors[ph],
                        label=ph if (k, i) == (0, 0) else None, alpha=1.0 if k == len(runs) - 1 else 0.55)
                 bottom += v
-            ax.text(i + (k - (len(runs) - 1) / 2) * width, bottom + 1, label, ha="center", fontsize=8)
+            ax.text(i + (k - (len(runs) - 1) / 2) * width, bottom + 1, label, ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("ms per decode step")
     ax.set_ylim(0, 1.15 * max(sum(r["phases_ms"].values()) for _, rows in runs for r in rows))
