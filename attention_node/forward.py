@@ -54,8 +54,13 @@ def swiglu(x: torch.Tensor, up: Linear, down: Linear) -> torch.Tensor:
 
 
 def route(x: torch.Tensor, router: Linear, top_k: int, renormalize: bool):
-    """Softmax top-k routing, as the HF families do it: (ids [T, k], weights [T, k] in x's dtype)."""
-    probs = torch.softmax(router(x).float(), dim=-1)                # [T, E]
+    """Softmax top-k routing, as the HF families do it: (ids [T, k], weights [T, k] in x's dtype).
+    On the CPU one kernel call (`route_topk`, what decode_block runs too), else torch's ops."""
+    logits = router(x)
+    kernels = for_tensor(logits)
+    if kernels is not None:
+        return kernels.route_topk(logits, x, top_k, renormalize)
+    probs = torch.softmax(logits.float(), dim=-1)                   # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -156,29 +156,50 @@ inline void head_values(const float* p, int64_t r, int64_t d, const T* vh, const
   }
 }
 
-// The decode attention itself, on float32 queries, over a cache of T (float or bfloat16: each
-// cached value is widened to float as it is read), into float32 out: for each (sequence, KV head),
-// split over torch's threads, its scores, their softmax and the weighted sum of its V rows, back
-// to back while that head's rows are still in cache. NC: see head_scores.
+// The decode attention itself, over a cache of T (float or bfloat16: each cached value is widened
+// to float as it is read; q and out in T as well, widened and rounded a head at a time), sums and
+// softmax in float32: for each (sequence, KV head), split over torch's threads, its scores, their
+// softmax and the weighted sum of its V rows, back to back while that head's rows are still in
+// cache. NC: see head_scores. Steps with few cached rows in all (batch 1, short contexts) run on the
+// calling thread: a parallel region costs more than the work.
 template <int NC, typename T>
-void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* bt, const int64_t* lp, int64_t B,
+void paged_decode_impl(const T* qp, const T* kp, const T* vp, const int64_t* bt, const int64_t* lp, int64_t B,
                        int64_t g, int64_t r, int64_t d, int64_t S, int64_t nb, int64_t block_size, int64_t max_len,
-                       float sc, float* op) {
-  at::parallel_for(0, B * g, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(r * max_len);
+                       float sc, T* op) {
+  int64_t rows = 0;
+  for (int64_t b = 0; b < B; ++b) rows += lp[b] * g;
+  const int64_t grain = rows < 256 ? B * g : 1;
+  at::parallel_for(0, B * g, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(r * max_len), qf, of;
+    if constexpr (!std::is_same_v<T, float>) {
+      qf.resize(r * d);
+      of.resize(r * d);
+    }
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / g, h = i % g, L = lp[b];
-      head_scores<NC>(qp + i * r * d, r, d, kp + h * S * d, bt + b * nb, L, block_size, sc, scores.data());
+      const float* q;
+      float* o;
+      if constexpr (std::is_same_v<T, float>) {
+        q = qp + i * r * d;
+        o = op + i * r * d;
+      } else {
+        for (int64_t j = 0; j < r * d; ++j) qf[j] = static_cast<float>(qp[i * r * d + j]);
+        q = qf.data();
+        o = of.data();
+      }
+      head_scores<NC>(q, r, d, kp + h * S * d, bt + b * nb, L, block_size, sc, scores.data());
       softmax_rows(scores.data(), r, L);
-      head_values<NC>(scores.data(), r, d, vp + h * S * d, bt + b * nb, L, block_size, op + i * r * d);
+      head_values<NC>(scores.data(), r, d, vp + h * S * d, bt + b * nb, L, block_size, o);
+      if constexpr (!std::is_same_v<T, float>)
+        for (int64_t j = 0; j < r * d; ++j) op[i * r * d + j] = T(of[j]);
     }
   });
 }
 
 template <typename T>
-void paged_decode_dispatch(const float* qp, const T* kp, const T* vp, const int64_t* bt, const int64_t* lp, int64_t B,
+void paged_decode_dispatch(const T* qp, const T* kp, const T* vp, const int64_t* bt, const int64_t* lp, int64_t B,
                            int64_t g, int64_t r, int64_t d, int64_t S, int64_t nb, int64_t block_size, int64_t max_len,
-                           float sc, float* op) {
+                           float sc, T* op) {
   switch (d) {      // the head dims of the models we serve; others take the scalar loops
 #ifdef __AVX512F__
     case 32: return paged_decode_impl<2>(qp, kp, vp, bt, lp, B, g, r, d, S, nb, block_size, max_len, sc, op);
@@ -218,17 +239,16 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
       TORCH_CHECK(bt[b * nb + i] >= 0 && (bt[b * nb + i] + 1) * block_size <= S, "paged_decode: block id out of range");
     max_len = std::max(max_len, lp[b]);
   }
-  const at::Tensor qf = dtype == at::kFloat ? q : q.to(at::kFloat);
-  auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  auto out = at::empty(q.sizes(), q.options());
   const float sc = static_cast<float>(scale);
   if (dtype == at::kFloat)
-    paged_decode_dispatch<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lp, B, g,
+    paged_decode_dispatch<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lp, B, g,
                                  r, d, S, nb, block_size, max_len, sc, out.data_ptr<float>());
   else
-    paged_decode_dispatch<c10::BFloat16>(qf.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+    paged_decode_dispatch<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                                          v_cache.data_ptr<c10::BFloat16>(), bt, lp, B, g, r, d, S, nb, block_size, max_len,
-                                         sc, out.data_ptr<float>());
-  return dtype == at::kFloat ? out : out.to(dtype);
+                                         sc, out.data_ptr<c10::BFloat16>());
+  return out;
 }
 
 // The KV cache write: index_copy_ along the slot dimension took ~40 µs a layer at 64 tokens.

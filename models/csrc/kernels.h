@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -76,6 +77,7 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
                                            std::vector<at::Tensor> down, bool reverse);
 // layer.cpp
+std::tuple<at::Tensor, at::Tensor> route_topk(at::Tensor logits, at::Tensor like, int64_t k, bool renormalize);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(
     at::Tensor h, at::Tensor in_norm, at::Tensor post_norm, double eps, at::Tensor qkv_panels,
     c10::optional<at::Tensor> qkv_bias, int64_t heads, int64_t kv_heads, at::Tensor cos, at::Tensor sin,

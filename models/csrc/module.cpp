@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary position embedding, rotate_half convention (CPU, float32 or bfloat16)");
   m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
   m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
+  m.def("route_topk", &route_topk, "softmax top-k routing (float32 softmax, k largest, renormalized if asked) in one "
+        "loop: (ids int64, weights in like's dtype) (CPU)");
   m.def("decode_block", &decode_block, "one layer's attention block for decode rows: RMSNorm, QKV, rotary, cache write, "
         "decode attention, O, residual, RMSNorm, router and top-k, in one call (CPU, float32 or bfloat16)");
   pybind11::class_<DecodeLayers>(m, "DecodeLayers", "every MoE layer of a decode step in one call: decode_block, "

@@ -43,8 +43,13 @@ def test_layout_choice(monkeypatch):
     odd = Linear(torch.randn(520, 256))                    # not a multiple of the panel width: oneDNN
     assert odd.panels is None and odd.packed is not None
     assert Linear(big).panels.shape == (512 // cols, 256, cols)
-    small = Linear(torch.randn(64, 64))                    # below PREPACK_MIN_ELEMENTS: plain F.linear
-    assert 64 * 64 < PREPACK_MIN_ELEMENTS and small.panels is None and small.packed is None
+    router_w = torch.randn(16, 512)
+    router = Linear(router_w)                              # any size with a whole number of panels (a router)
+    assert 16 * 512 < PREPACK_MIN_ELEMENTS and router.panels is not None
+    x = torch.randn(3, 512)
+    assert torch.allclose(router(x), F.linear(x, router_w), atol=1e-4, rtol=1e-5)
+    small = Linear(torch.randn(60, 64))                    # small and not a whole number of panels: plain F.linear
+    assert small.panels is None and small.packed is None
     half = Linear(big.bfloat16())                          # this CPU has AVX-512 BF16 (CI's does too)
     assert half.panels is not None and half.panels.dtype == torch.bfloat16 and half.packed is None
     assert Linear(torch.randn(520, 256).bfloat16()).panels is None      # bfloat16 panels are 16 columns wide

@@ -124,3 +124,28 @@ def test_kv_write_is_index_copy(dtype):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     with pytest.raises(RuntimeError, match="slot 64 out of range for 64"):
         cpu_kernels.cpu_kernels().kv_write(caches[0], caches[1], torch.tensor([1, 2, 3, 4, 64]), k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_topk_matches_softmax_topk(dtype, renormalize):
+    """The router's softmax top-k in one call against torch's softmax, topk and division: the same
+    experts in the same order (float32 logits: no ties) and weights within float rounding, in x's dtype."""
+    ext = cpu_kernels.cpu_kernels()
+    torch.manual_seed(0)
+    logits = torch.randn(37, 16) * 3
+    x = torch.randn(37, 8).to(dtype)
+    ids, weights = ext.route_topk(logits, x, 2, renormalize)
+    probs = torch.softmax(logits, dim=-1)
+    want_w, want_ids = torch.topk(probs, 2, dim=-1)
+    if renormalize:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    assert torch.equal(ids, want_ids) and weights.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    assert torch.allclose(weights.float(), want_w, atol=tol, rtol=tol)
+    # bfloat16 logits, ties broken toward the lower expert
+    tied = torch.tensor([[0.5, 2.0, 2.0, -1.0]], dtype=torch.bfloat16)
+    ids, weights = ext.route_topk(tied, tied, 2, renormalize)
+    assert ids.tolist() == [[1, 2]] and weights.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="top-5 of 4 experts"):
+        ext.route_topk(tied, tied, 5, renormalize)
