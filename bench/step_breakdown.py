@@ -37,12 +37,12 @@ import torch  # noqa: E402
 import attention_node.forward as forward_mod  # noqa: E402
 import attention_node.rank as rank_mod  # noqa: E402
 from bench.decode_bench import BENCH_MODEL_DIR, build_model, prompts_for  # noqa: E402
-from cluster.colocated import ColocatedRanks  # noqa: E402
+from cluster.colocated import ColocatedRanks, InProcessColocated  # noqa: E402
 from cluster.threads import rank_threads, small_step_threads, useful_threads  # noqa: E402
 from expert_node.experts import ExpertShard  # noqa: E402
 from models.spec import load_spec  # noqa: E402
 from scheduler.config import EngineConfig, EngineLimits  # noqa: E402
-from scheduler.engine import Engine, InProcessRanks  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
 from scheduler.placement import Placement  # noqa: E402
 from scheduler.request import SamplingParams  # noqa: E402
 
@@ -87,17 +87,6 @@ def instrument(layer_by_layer: bool = False) -> None:
     ExpertShard.forward = timed("experts", ExpertShard.forward)
 
 
-class Colocated(InProcessRanks):
-    def __init__(self, ranks: ColocatedRanks):
-        self.colocated = ranks
-
-    def run_step(self, plans):
-        return [self.colocated.step(plans[0])]
-
-    def shutdown(self):
-        self.colocated.shutdown()
-
-
 def build(model_dir: str, batch: int, prompt_len: int, steps: int, dtype: str) -> Engine:
     spec = load_spec(model_dir)
     config = EngineConfig(max_batch_tokens=batch * prompt_len, max_num_seqs=batch, dtype=dtype, colocate=True,
@@ -109,7 +98,7 @@ def build(model_dir: str, batch: int, prompt_len: int, steps: int, dtype: str) -
     small = small_step_threads("cpu", 1, 1, colocated=True) or full
     placement = Placement.contiguous(spec.num_experts, 1)
     ranks = ColocatedRanks(spec, config, limits, model_dir, "cpu", (min(small, full), full), [placement.experts_of(0)])
-    return Engine(config, limits, Colocated(ranks))
+    return Engine(config, limits, InProcessColocated(ranks))
 
 
 def measure(engine: Engine, batch: int, prompt_len: int, steps: int) -> dict:

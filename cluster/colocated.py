@@ -23,6 +23,7 @@ from attention_node.rank import AttentionRank
 from expert_node.rank import ExpertRank
 from models.spec import ModelSpec
 from scheduler.config import EngineConfig, EngineLimits
+from scheduler.engine import InProcessRanks
 from scheduler.messages import StepPlan, StepResult
 from transfer.base import ATTENTION, EXPERT, DataPlane, connect
 from transfer.inprocess import Hub
@@ -64,3 +65,17 @@ class ColocatedRanks:
 
     def shutdown(self) -> None:
         self.worker.close()
+
+
+class InProcessColocated(InProcessRanks):
+    """`ColocatedRanks` driven by an Engine in this process, without Ray (benchmarks and tests that
+    look at the compute alone)."""
+
+    def __init__(self, ranks: ColocatedRanks):
+        self.colocated = ranks
+
+    def run_step(self, plans: list[StepPlan]) -> list[StepResult]:
+        return [self.colocated.step(plans[0])]
+
+    def shutdown(self) -> None:
+        self.colocated.shutdown()

@@ -12,10 +12,10 @@ import torch
 
 import attention_node.forward as forward
 import transfer.inprocess as inprocess
-from cluster.colocated import ColocatedRanks
+from cluster.colocated import ColocatedRanks, InProcessColocated
 from models.spec import load_spec
 from scheduler.config import EngineConfig, EngineLimits
-from scheduler.engine import Engine, InProcessRanks
+from scheduler.engine import Engine
 from scheduler.placement import Placement
 from scheduler.request import SamplingParams
 
@@ -23,17 +23,6 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7], [2, 7, 1,
 WIDE = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
 # Expert matrices of 2^16+ elements, so that they are panel-packed too (what the one-call step needs).
 EXPERTS = {"mixtral": dict(intermediate_size=256), "qwen2_moe": dict(moe_intermediate_size=256)}
-
-
-class _Colocated(InProcessRanks):
-    def __init__(self, ranks: ColocatedRanks):
-        self.ranks = ranks
-
-    def run_step(self, plans):
-        return [self.ranks.step(plans[0])]
-
-    def shutdown(self):
-        self.ranks.shutdown()
 
 
 class _Counted:
@@ -69,7 +58,7 @@ def _run(model: str, dtype: str, expert_ranks: int, monkeypatch, mode: str):
     placement = Placement.contiguous(spec.num_experts, expert_ranks)
     ranks = ColocatedRanks(spec, config, limits, model, "cpu", None,
                            [placement.experts_of(e) for e in range(expert_ranks)])
-    engine = Engine(config, limits, _Colocated(ranks), return_logits=True)
+    engine = Engine(config, limits, InProcessColocated(ranks), return_logits=True)
     try:
         out = engine.generate(PROMPTS, SamplingParams(max_tokens=6))
         stats = ranks.check_health()
