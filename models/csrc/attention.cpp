@@ -168,7 +168,7 @@ void paged_decode_impl(const T* qp, const T* kp, const T* vp, const int64_t* bt,
                        float sc, T* op) {
   int64_t rows = 0;
   for (int64_t b = 0; b < B; ++b) rows += lp[b] * g;
-  const int64_t grain = rows < 256 ? B * g : 1;
+  const int64_t grain = rows < 256 ? B * g + 1 : 1;      // at::parallel_for runs a range below its grain inline
   at::parallel_for(0, B * g, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(r * max_len), qf, of;
     if constexpr (!std::is_same_v<T, float>) {
