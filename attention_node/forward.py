@@ -53,6 +53,11 @@ def swiglu(x: torch.Tensor, up: Linear, down: Linear) -> torch.Tensor:
     return down(F.silu(gate) * up_)
 
 
+def shared_expert(x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+    """Qwen2-MoE's shared expert, gated: sigmoid(gate(x)) · SwiGLU(x)."""
+    return torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
+
+
 def route(x: torch.Tensor, router: Linear, top_k: int, renormalize: bool):
     """Softmax top-k routing, as the HF families do it: (ids [T, k], weights [T, k] in x's dtype).
     On the CPU one kernel call (`route_topk`, what decode_block runs too), else torch's ops."""
@@ -147,16 +152,14 @@ class AttentionForward:
                 ids, weights = route(x, lw.router, s.top_k, s.norm_topk_prob)
             if direct is not None:
                 routed = direct.compute_rows(step, layer, micro_batch, x, ids, weights.float())
-                if lw.ffn_up is not None:
-                    routed = routed + torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
-                h.add_(routed)
+                h.add_(routed if lw.ffn_up is None else routed + shared_expert(x, lw))
                 continue
             if lw.ffn_up is None:
                 trace.compute_ends(layer, micro_batch)
             handle = self.transfer.dispatch_launch(step, layer, micro_batch, x, ids, weights)
             shared = None
             if lw.ffn_up is not None:       # the shared expert overlaps the round trip (and its span covers it)
-                shared = torch.sigmoid(lw.shared_gate(x)) * swiglu(x, lw.ffn_up, lw.ffn_down)
+                shared = shared_expert(x, lw)
                 trace.compute_ends(layer, micro_batch)
             yield
             routed = trace.wait(layer, micro_batch, lambda: self.transfer.combine_wait(handle))

@@ -86,29 +86,29 @@ class ExpertRank:
         """What `compute_rows` counts and traces, for the MoE layers a whole-step decode kernel ran:
         counts [L, X] rows per local expert, times [L, 2] each layer's expert start and end."""
         spans = times.tolist()
-        for i, (layer, per_expert) in enumerate(zip(self.spec.moe_layer_ids, counts.tolist())):
-            start, end = spans[i]
-            self.trace.append(TraceEvent("expert", self.rank, step, layer, micro_batch, "expert", start, end, rows))
-            self.stats["compute_s"] += end - start
-            self._count_reads((step, layer), [e for e, c in enumerate(per_expert) if c])
-        self.stats["micro_batches"] += len(spans)
-        self.stats["tokens"] += rows * len(spans)
+        for (start, end), layer, per_expert in zip(spans, self.spec.moe_layer_ids, counts.tolist()):
+            self._record(step, layer, micro_batch, rows, start, end, end - start, per_expert)
         self.stats["empty_messages"] += len(spans) * (rows == 0)
 
     def _forward(self, step: int, layer: int, micro_batch: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         t1 = time.perf_counter()
         t_start = time.time()
-        n = hidden.shape[0]
         out = self.shard.forward(layer, hidden, topk_ids, topk_weights, reverse=micro_batch % 2 == 1)
         # The span ends when the outputs exist: the combine can land before this process gets to stamp
         # a time after sending it.
-        self.trace.append(TraceEvent("expert", self.rank, step, layer, micro_batch, "expert", t_start, time.time(), n))
-        self.stats["micro_batches"] += 1
-        self.stats["tokens"] += n
-        self._count_reads((step, layer), [e for e, c in enumerate(self.shard.last_counts) if c])
-        self.stats["compute_s"] += time.perf_counter() - t1
+        self._record(step, layer, micro_batch, hidden.shape[0], t_start, time.time(), time.perf_counter() - t1,
+                     self.shard.last_counts)
         return out
+
+    def _record(self, step: int, layer: int, micro_batch: int, rows: int, start: float, end: float, seconds: float,
+                per_expert: list[int]) -> None:
+        """One (layer, micro-batch) computed: its trace span and counters (per_expert: rows per local expert)."""
+        self.trace.append(TraceEvent("expert", self.rank, step, layer, micro_batch, "expert", start, end, rows))
+        self.stats["micro_batches"] += 1
+        self.stats["tokens"] += rows
+        self.stats["compute_s"] += seconds
+        self._count_reads((step, layer), [e for e, c in enumerate(per_expert) if c])
 
     def _next(self):
         t0 = time.perf_counter()

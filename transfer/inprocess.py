@@ -21,7 +21,7 @@ import torch
 
 from transfer.base import (ATTENTION, AttentionEndpoint, DataPlane, ExpertBatch, ExpertEndpoint, InlineExperts,
                            TransferError)
-from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, dispatch_rows, merge_combine, route_plan, unpack_payload
+from transfer.messages import KIND_DATA, KIND_SHUTDOWN, Header, merge_combine, pack_payload, route_plan, unpack_payload
 
 
 class Hub:
@@ -65,8 +65,7 @@ def _get(q: queue.SimpleQueue, timeout_s: float | None, what: str):
 @dataclass
 class _Dispatch:
     header: Header
-    parts: list = field(default_factory=list)       # (expert rank, token index or None)
-    answers: list | None = None                     # inline expert ranks: their outputs, in `parts` order
+    parts: list = field(default_factory=list)       # (expert rank, token index or None, inline answer or None)
 
 
 class InProcessAttention(AttentionEndpoint):
@@ -76,40 +75,28 @@ class InProcessAttention(AttentionEndpoint):
         self.hub: Hub = plane.local
 
     def dispatch_launch(self, step, layer, micro_batch, hidden, topk_ids, topk_weights) -> _Dispatch:
+        """Each expert rank's rows (with one expert rank: the whole batch as it is). An inline rank
+        computes them now, on this thread, from the tensors by reference (no wire packing, no queue:
+        at batch 1 those cost ~0.1 ms a layer, more than the attention block's kernels), and its
+        answer waits in the handle; a rank with a serving thread gets the message the wire would
+        carry, an empty one too."""
         T = hidden.shape[0]
         handle = _Dispatch(Header(KIND_DATA, step, layer, micro_batch, T))
-        if all(c is not None for c in self.hub.inline):
-            return self._inline(handle, hidden, topk_ids, topk_weights)
-        for e, (idx, payload) in enumerate(dispatch_rows(hidden, topk_ids, topk_weights, self.owner, self.plane.num_expert)):
-            n = T if idx is None else idx.numel()
-            if n:
-                handle.parts.append((e, idx))
-            compute = self.hub.inline[e]
-            if compute is None:
-                self.hub.to_expert[e][self.rank].put((Header(KIND_DATA, step, layer, micro_batch, n), payload))
-            elif n:
-                h, ids, w = unpack_payload(payload, self.plane.hidden_size, self.plane.top_k, self.plane.torch_dtype,
-                                           self.device)
-                self.hub.to_attention[self.rank][e].put(compute(ExpertBatch(step, layer, micro_batch, [h], [ids], [w]))[0])
-        return handle
-
-    def _inline(self, handle: _Dispatch, hidden, topk_ids, topk_weights) -> _Dispatch:
-        """Every expert rank computes on this thread: each gets its rows as tensors, by reference (no
-        wire packing, no queue), and its answer waits in the handle. With one expert rank that is the
-        whole batch as it is; at batch 1 the packing and queuing cost ~0.1 ms a layer, more than the
-        attention block's kernels."""
-        step, layer, micro_batch, T = handle.header.step, handle.header.layer, handle.header.micro_batch, handle.header.count
         weights = topk_weights.float()            # what the wire carries (float32 routing weights)
         routes = [None] if self.plane.num_expert == 1 else route_plan(topk_ids, self.owner, self.plane.num_expert)
-        handle.answers = []
         for e, idx in enumerate(routes):
-            if (T if idx is None else idx.numel()) == 0:
-                continue
+            n = T if idx is None else idx.numel()
             rows = (hidden, topk_ids, weights) if idx is None else (hidden[idx], topk_ids[idx], weights[idx])
-            handle.parts.append((e, idx))
-            expert = self.hub.expert[e]
-            handle.answers.append(expert.compute_rows(step, layer, micro_batch, *rows) if expert is not None else
-                                  self.hub.inline[e](ExpertBatch(step, layer, micro_batch, *([t] for t in rows)))[0])
+            if self.hub.inline[e] is None:
+                self.hub.to_expert[e][self.rank].put((Header(KIND_DATA, step, layer, micro_batch, n),
+                                                      pack_payload(*rows) if n else []))
+                if n:
+                    handle.parts.append((e, idx, None))
+            elif n:
+                expert = self.hub.expert[e]
+                answer = (expert.compute_rows(step, layer, micro_batch, *rows) if expert is not None else
+                          self.hub.inline[e](ExpertBatch(step, layer, micro_batch, *([t] for t in rows)))[0])
+                handle.parts.append((e, idx, answer))
         return handle
 
     def inline_experts(self) -> InlineExperts | None:
@@ -118,13 +105,11 @@ class InProcessAttention(AttentionEndpoint):
 
     def combine_wait(self, handle: _Dispatch) -> torch.Tensor:
         h = handle.header
-        if handle.answers is not None:
-            parts = [(idx, out) for (_, idx), out in zip(handle.parts, handle.answers)]
-        else:
-            where = f"step {h.step}, layer {h.layer}, micro-batch {h.micro_batch}"
-            parts = [(idx, _get(self.hub.to_attention[self.rank][e], self.plane.timeout_s,
-                                f"attention rank {self.rank}: no combine from expert rank {e} ({where})"))
-                     for e, idx in handle.parts]
+        where = f"step {h.step}, layer {h.layer}, micro-batch {h.micro_batch}"
+        parts = [(idx, answer if answer is not None else
+                  _get(self.hub.to_attention[self.rank][e], self.plane.timeout_s,
+                       f"attention rank {self.rank}: no combine from expert rank {e} ({where})"))
+                 for e, idx, answer in handle.parts]
         return merge_combine(h.count, parts, self.plane.hidden_size, self.plane.torch_dtype, self.device)
 
     def close(self) -> None:
