@@ -84,7 +84,7 @@ class RotaryTable:
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [T, 1, d] at these positions: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
     @staticmethod
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -126,7 +126,7 @@ class AttentionForward:
         """One micro-batch through every layer; returns the final hidden states [N, H] of its sampled rows."""
         s = self.spec
         trace.compute_starts(micro_batch)
-        h = self.w.embed[input_ids]                                       # [T, H]
+        h = self.w.embed.index_select(0, input_ids)                       # [T, H]
         cos_sin = self.rotary.at(batch.positions)
         block = self._block_kernel(h, batch)
         # An expert side that answers on this thread (a colocated node's one inline expert rank) is
@@ -138,7 +138,7 @@ class AttentionForward:
             counts, times = fused.run(h, cos_sin[0], cos_sin[1], batch.slots, batch.decode_blocks, batch.decode_lens,
                                       micro_batch % 2 == 1)
             direct.record_decode(step, micro_batch, h.shape[0], counts, times)
-            return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
+            return rms_norm(h.index_select(0, batch.sample_rows), self.w.final_norm, s.rms_norm_eps)
         for layer, lw in enumerate(self.w.layers):
             if block is not None and self.in_block[layer]:      # h += attention, x = norm(h), routing: one call
                 x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
@@ -165,7 +165,7 @@ class AttentionForward:
             routed = trace.wait(layer, micro_batch, lambda: self.transfer.combine_wait(handle))
             h.add_(routed if shared is None else routed + shared)
         trace.compute_ends(-1, micro_batch)
-        return rms_norm(h[batch.sample_rows], self.w.final_norm, s.rms_norm_eps)
+        return rms_norm(h.index_select(0, batch.sample_rows), self.w.final_norm, s.rms_norm_eps)
 
     def _block_kernel(self, h: torch.Tensor, batch: AttentionBatch):
         """The CPU kernels where this micro-batch's MoE layers can run their attention block as one call

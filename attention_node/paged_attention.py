@@ -19,6 +19,7 @@ What each choice measured: docs/performance.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,20 @@ class AttentionBatch:
     slots: torch.Tensor                    # [T] where each new token's K/V goes
     decode_rows: torch.Tensor              # [B] token rows of decode sequences
     decode_blocks: torch.Tensor            # [B, nb] KV blocks of each decode context (padded with block 0)
-    decode_bias: torch.Tensor              # [1, B, 1, nb · block_size] 0 where the key is real, -inf on padding
     decode_lens: torch.Tensor              # [B] context length of each decode sequence
     prefills: list[tuple]                  # (row start, q len, ctx slots [C], mask [q, C], additive bias [q, C] float32)
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
+    block_size: int = 16
+
+    @functools.cached_property
+    def decode_bias(self) -> torch.Tensor:
+        """[1, B, 1, nb · block_size]: 0 where the key is real, -inf on padding. Only the torch decode
+        path masks padding (the kernel reads each context to its length): made on first use, not per step."""
+        B, nb = self.decode_blocks.shape
+        lens = self.decode_lens.to("cpu")
+        pad = torch.arange(nb * self.block_size)[None, :] >= lens[:, None]                # [B, nb · bs]
+        bias = torch.zeros(pad.shape, dtype=torch.float32).masked_fill_(pad, float("-inf"))
+        return bias[None, :, None, :].to(self.decode_lens.device)
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device: torch.device,
@@ -66,22 +77,24 @@ class AttentionBatch:
         tokens are attended row by row, each row as a decode token whose context ends at itself
         (causal), by the decode kernel that reads the cache in place; longer ones, and every chunk
         where it is 0 (no kernel), as one causal block of matrix products."""
-        positions, slots, decode_rows, decode_ctx, prefills, sample_rows = [], [], [], [], [], []
+        positions, slots, decode_rows, decode_tables, decode_lens, prefills, sample_rows = [], [], [], [], [], [], []
         row = 0
         for c in chunks:
             n = len(c.token_ids)
             if n == 1 and c.start_pos == c.context_len - 1 or c.context_len <= row_context:   # rows as decode tokens
-                for i, pos in enumerate(range(c.start_pos, c.start_pos + n)):
-                    positions.append([pos])
-                    slots.append([c.block_table[pos // block_size] * block_size + pos % block_size])
-                    decode_rows.append(row + i)
-                    decode_ctx.append((c.block_table[:-(-(pos + 1) // block_size)], pos + 1))
+                table = c.block_table
+                for pos in range(c.start_pos, c.start_pos + n):
+                    positions.append(pos)
+                    slots.append(table[pos // block_size] * block_size + pos % block_size)
+                    decode_rows.append(row + pos - c.start_pos)
+                    decode_tables.append(table[:-(-(pos + 1) // block_size)])
+                    decode_lens.append(pos + 1)
             else:
                 table = torch.tensor(c.block_table, dtype=torch.long)
                 ctx_pos = torch.arange(c.context_len)
                 ctx_slots = table[ctx_pos // block_size] * block_size + ctx_pos % block_size   # [C]
-                positions.append(ctx_pos[c.start_pos:].tolist())
-                slots.append(ctx_slots[c.start_pos:].tolist())
+                positions += range(c.start_pos, c.context_len)
+                slots += ctx_slots[c.start_pos:].tolist()
                 q_pos = ctx_pos[c.start_pos:, None]
                 mask = ctx_pos[None, :] <= q_pos                                          # [q, C]
                 bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
@@ -89,18 +102,13 @@ class AttentionBatch:
             if c.sample:
                 sample_rows.append(row + n - 1)
             row += n
-        most_blocks = max((len(b) for b, _ in decode_ctx), default=0)
-        dec_blocks = torch.tensor([list(b) + [0] * (most_blocks - len(b)) for b, _ in decode_ctx],
-                                  dtype=torch.long).view(len(decode_ctx), most_blocks)
-        dec_pad = (torch.arange(most_blocks * block_size)[None, :]
-                   >= torch.tensor([n for _, n in decode_ctx], dtype=torch.long)[:, None])   # [B, nb · bs]
-        dec_bias = torch.zeros(dec_pad.shape, dtype=torch.float32).masked_fill_(dec_pad, float("-inf"))
-        flat = lambda xs: torch.tensor([v for x in xs for v in x], dtype=torch.long, device=device)   # noqa: E731
-        return cls(positions=flat(positions), slots=flat(slots),
-                   decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-                   decode_blocks=dec_blocks.to(device), decode_bias=dec_bias[None, :, None, :].to(device),
-                   decode_lens=torch.tensor([n for _, n in decode_ctx], dtype=torch.long, device=device),
-                   prefills=prefills, sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device))
+        most_blocks = max(map(len, decode_tables), default=0)
+        dec_blocks = torch.tensor([list(b) + [0] * (most_blocks - len(b)) for b in decode_tables],
+                                  dtype=torch.long).view(len(decode_tables), most_blocks)
+        longs = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)   # noqa: E731
+        return cls(positions=longs(positions), slots=longs(slots), decode_rows=longs(decode_rows),
+                   decode_blocks=dec_blocks.to(device), decode_lens=longs(decode_lens), prefills=prefills,
+                   sample_rows=longs(sample_rows), block_size=block_size)
 
 
 class _Workspace:

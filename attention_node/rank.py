@@ -102,7 +102,8 @@ class AttentionRank:
             programs.append(self.forward.program(plan.step, j, input_ids, batch, trace))
             sampled += [c for c in chunks if c.sample]
         t1 = time.perf_counter()
-        hidden = torch.cat(run_pingpong(programs))                    # [N, H], rows in `sampled` order
+        outs = run_pingpong(programs)
+        hidden = outs[0] if len(outs) == 1 else torch.cat(outs)      # [N, H], rows in `sampled` order
         t2 = time.perf_counter()
         t_wall = time.time()
         if self.threads is not None:

@@ -133,7 +133,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     if logits.shape[0] == 0:
         return [], []
     top, ids = _row_max(logits)                                      # [N] each
-    row_ok = torch.isfinite(top).tolist()                            # NaN propagates through the max
+    row_ok = [math.isfinite(v) for v in top.tolist()]               # NaN propagates through the max
     fallback = {i: "logits have no finite maximum (NaN, +inf, or every entry -inf)"
                 for i, ok in enumerate(row_ok) if not ok}
     for i, p in enumerate(params):

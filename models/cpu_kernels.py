@@ -127,11 +127,12 @@ def for_tensor(x):
     """The kernels where they take x (a float32 or bfloat16 CPU tensor and the kernels built), else None.
     Cheap after the first call: the per-layer ops ask it on every call."""
     ext = _built["ext"] if "ext" in _built else cpu_kernels()
-    if ext is None or x.device.type != "cpu" or x.dtype not in _float_dtypes():
+    if ext is None or x.dtype not in (_built.get("dtypes") or _float_dtypes()) or x.device.type != "cpu":
         return None
     return ext
 
 
-def _float_dtypes():
+def _float_dtypes() -> tuple:
     import torch
-    return (torch.float32, torch.bfloat16)
+    _built["dtypes"] = (torch.float32, torch.bfloat16)
+    return _built["dtypes"]

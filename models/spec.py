@@ -14,6 +14,8 @@ This module is the one reader of config.json and imports no torch: the tuner bui
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from dataclasses import dataclass, replace
@@ -73,7 +75,7 @@ class ModelSpec:
         if self.hidden_act != "silu":
             raise CheckpointError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
 
-    @property
+    @functools.cached_property
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, is_moe in enumerate(self.moe_layers) if is_moe)
 

@@ -169,6 +169,20 @@ void paged_decode_impl(const T* qp, const T* kp, const T* vp, const int64_t* bt,
   int64_t rows = 0;
   for (int64_t b = 0; b < B; ++b) rows += lp[b] * g;
   const int64_t grain = rows < 256 ? B * g + 1 : 1;      // at::parallel_for runs a range below its grain inline
+  if (rows < 256) {
+    // The calling thread alone: ask for every cached row the step reads (K and V, at most 256 rows
+    // each) before the first is needed. Its rows are cold after a step's weights went through the
+    // cache, and one block asked for at a time left each head waiting on memory once per block.
+    for (int64_t i = 0; i < B * g; ++i) {
+      const int64_t b = i / g, h = i % g;
+      for (int64_t l0 = 0; l0 < lp[b]; l0 += block_size) {
+        const int64_t at = (h * S + bt[b * nb + l0 / block_size] * block_size) * d;
+        const int64_t bytes = std::min(block_size, lp[b] - l0) * d * int64_t(sizeof(T));
+        prefetch_bytes(kp + at, bytes);
+        prefetch_bytes(vp + at, bytes);
+      }
+    }
+  }
   at::parallel_for(0, B * g, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(r * max_len), qf, of;
     if constexpr (!std::is_same_v<T, float>) {

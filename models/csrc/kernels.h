@@ -76,6 +76,11 @@ at::Tensor panel_linear(at::Tensor x, at::Tensor panels);
 at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels, bool reverse);
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
                                            std::vector<at::Tensor> down, bool reverse);
+// moe_ffn, with the output added in place into residual (like x) where it is not null, rounded as
+// torch's add of the returned output would round it; returns (residual, counts) then.
+std::tuple<at::Tensor, at::Tensor> moe_ffn_add(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
+                                               const std::vector<at::Tensor>& up, const std::vector<at::Tensor>& down,
+                                               bool reverse, at::Tensor* residual);
 // layer.cpp
 std::tuple<at::Tensor, at::Tensor> route_topk(at::Tensor logits, at::Tensor like, int64_t k, bool renormalize);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(

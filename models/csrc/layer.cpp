@@ -144,18 +144,33 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
   const auto now = [] {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   };
+  const int64_t pairs = h.size(0) * top_k_, E = local_index_.size(0);
+  const int64_t* li = local_index_.data_ptr<int64_t>();
+  const bool bf16 = h.scalar_type() == at::kBFloat16;
+  auto local = at::empty({h.size(0), top_k_}, counts.options());
+  auto wfloat = at::empty({h.size(0), top_k_}, at::TensorOptions().dtype(at::kFloat));
   for (int64_t l = 0; l < L; ++l) {
     auto [x, ids, weights] = decode_block(h, in_norm_[l], post_norm_[l], eps_, qkv_[l], qkv_bias_[l], heads_, kv_heads_,
                                           cos, sin, k_cache_[l], v_cache_[l], slots, blocks, lens, block_size_, scale_,
                                           o_[l], o_bias_[l], router_panels_[l], router_weight_[l], router_bias_[l], top_k_,
                                           renormalize_);
     tp[2 * l] = now();
-    auto [out, c] = moe_ffn(x, local_index_.index_select(0, ids.flatten()).view(ids.sizes()), weights.to(at::kFloat),
-                            up_[l], down_[l], reverse);
+    // local ids and float32 weights (the bfloat16 weights widened: what the per-layer path hands the
+    // expert rank) in one loop, where torch took three ops
+    const int64_t* gid = ids.data_ptr<int64_t>();
+    int64_t* lid = local.data_ptr<int64_t>();
+    float* wf = wfloat.data_ptr<float>();
+    const c10::BFloat16* wb = bf16 ? weights.data_ptr<c10::BFloat16>() : nullptr;
+    const float* w32 = bf16 ? nullptr : weights.data_ptr<float>();
+    for (int64_t i = 0; i < pairs; ++i) {
+      TORCH_CHECK(gid[i] >= 0 && gid[i] < E, "DecodeLayers: expert id ", gid[i], " out of range for ", E, " experts");
+      lid[i] = li[gid[i]];
+      wf[i] = bf16 ? static_cast<float>(wb[i]) : w32[i];
+    }
+    auto [out, c] = moe_ffn_add(x, local, wfloat, up_[l], down_[l], reverse, &h);     // h += the expert layer
     tp[2 * l + 1] = now();
     TORCH_CHECK(c.numel() == X, "DecodeLayers: layer ", l, " has ", c.numel(), " local experts, layer 0 has ", X);
     std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + X, cp + l * X);
-    h.add_(out);
   }
   return {counts, times};
 }

@@ -136,7 +136,7 @@ at::Tensor grouped_impl(const at::Tensor& x, const std::vector<int64_t>& counts,
 template <class F>
 std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
                                                 const std::vector<at::Tensor>& up, const std::vector<at::Tensor>& down,
-                                                bool reverse) {
+                                                bool reverse, at::Tensor* residual) {
   using X = typename F::X;
   const int64_t n = x.size(0), H = x.size(1), X_ = up.size(), k = local.size(1);
   const auto up_w = panel_pointers<F>(up, H, "moe_ffn (up)");
@@ -162,7 +162,10 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::T
   }
   const auto fopt = x.options().dtype(at::kFloat);
   auto sum = at::zeros({n, H}, fopt);
-  if (p == 0) return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
+  if (p == 0) {
+    if (residual != nullptr) return {*residual, counts_t};      // h + 0 is h, in either dtype
+    return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
+  }
   const X* xp = reinterpret_cast<const X*>(x.data_ptr());
   auto xs = at::empty({p, H}, x.options());
   X* xsp = reinterpret_cast<X*>(xs.data_ptr());
@@ -189,15 +192,27 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::T
   const float* yp = y.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   float* op = sum.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  float* rf = residual != nullptr && !bf16 ? residual->data_ptr<float>() : nullptr;
+  c10::BFloat16* rb = residual != nullptr && bf16 ? residual->data_ptr<c10::BFloat16>() : nullptr;
   at::parallel_for(0, n, 4, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
+    for (int64_t t = b; t < e; ++t) {
+      float* ot = op + t * H;
       for (int64_t j = 0; j < filled[t]; ++j) {
         const int64_t r = rows_of[t * k + j];
         const float w = wp[pair_of_row[r]];
-        for (int64_t c = 0; c < H; ++c) op[t * H + c] += yp[r * H + c] * w;
+        for (int64_t c = 0; c < H; ++c) ot[c] += yp[r * H + c] * w;
       }
+      // residual += out, rounded as torch's add of the output in x's dtype rounds it
+      if (rf != nullptr)
+        for (int64_t c = 0; c < H; ++c) rf[t * H + c] += ot[c];
+      else if (rb != nullptr)
+        for (int64_t c = 0; c < H; ++c)
+          rb[t * H + c] = c10::BFloat16(static_cast<float>(rb[t * H + c]) + static_cast<float>(c10::BFloat16(ot[c])));
+    }
   });
-  return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
+  if (residual != nullptr) return {*residual, counts_t};
+  return {bf16 ? sum.to(x.scalar_type()) : sum, counts_t};
 }
 
 }  // namespace
@@ -259,6 +274,12 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::
 // Returns (out [n, H] in x's dtype, counts [X] as int64).
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
                                            std::vector<at::Tensor> down, bool reverse) {
+  return moe_ffn_add(x, local, weights, up, down, reverse, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_ffn_add(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
+                                               const std::vector<at::Tensor>& up, const std::vector<at::Tensor>& down,
+                                               bool reverse, at::Tensor* residual) {
   TORCH_CHECK(x.dim() == 2, "moe_ffn: expected x [n, H], got ", x.sizes());
   TORCH_CHECK(!up.empty() && down.size() == up.size(), "moe_ffn: one up and one down weight per local expert");
   const bool bf16 = bf16_panels(up[0], x.size(1), "moe_ffn (up)");
@@ -267,10 +288,12 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::T
               local.device().is_cpu(), "moe_ffn: expected local expert ids [n, k] int64 on the CPU");
   TORCH_CHECK(weights.sizes() == local.sizes() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
               weights.device().is_cpu(), "moe_ffn: expected routing weights [n, k] float32 like the ids");
+  TORCH_CHECK(residual == nullptr || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                                       residual->is_contiguous()), "moe_ffn: the residual must be a contiguous tensor like x");
 #ifdef SHUTTLE_BF16_PANELS
-  if (bf16) return moe_ffn_impl<BF16>(x, local, weights, up, down, reverse);
+  if (bf16) return moe_ffn_impl<BF16>(x, local, weights, up, down, reverse, residual);
 #endif
-  return moe_ffn_impl<F32>(x, local, weights, up, down, reverse);
+  return moe_ffn_impl<F32>(x, local, weights, up, down, reverse, residual);
 }
 
 #else  // no AVX2/FMA: Linear keeps oneDNN (models/linear.py asks has_panel_linear first)
@@ -291,6 +314,13 @@ at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t>, std::vector<
 
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                                            std::vector<at::Tensor>, bool) {
+  TORCH_CHECK(false, "moe_ffn: this build has no AVX2/FMA");
+  return {x, x};
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_ffn_add(const at::Tensor& x, const at::Tensor&, const at::Tensor&,
+                                               const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, bool,
+                                               at::Tensor*) {
   TORCH_CHECK(false, "moe_ffn: this build has no AVX2/FMA");
   return {x, x};
 }
