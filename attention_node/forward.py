@@ -18,6 +18,7 @@ rows, q/k norms, dense layers, GPUs).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 
 import torch
@@ -30,6 +31,12 @@ from models.cpu_kernels import for_tensor
 from models.linear import Linear
 from models.spec import ModelSpec
 from transfer.base import AttentionEndpoint, InlineExperts
+
+
+# The LM head runs over at most this many rows at once (bounded [rows, V] logits).
+LM_HEAD_ROWS = 128
+# A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
+SMALL_STEP_TOKENS = 128
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -194,6 +201,39 @@ class AttentionForward:
                     [r.panels for r in routers], [r.weight for r in routers], [r.bias for r in routers], s.top_k,
                     s.norm_topk_prob, local, up, down)
         return self._fused or None
+
+    def greedy_steps(self, step: int, tokens: list[int], start_pos: list[int], tables: list[list[int]], steps: int,
+                     threads: tuple[int, int] | None):
+        """Up to `steps` greedy decode steps of one micro-batch of decode rows (row b: input token
+        tokens[b] at start_pos[b], block table tables[b] covering every step) in one kernel call,
+        `DecodeLayers.greedy_steps`: per step every layer, the final norm, the LM head and the greedy
+        pick, without Python in between. Where the whole-step kernel does not apply, or the LM head is
+        not panel-packed or has a bias: None. Else (tokens [done][B], logits [B, V] float32 of the step
+        that stopped the loop before its pick (a row without a finite maximum: the sampler's rule) or
+        None, seconds in the layers, seconds in the LM head and pick); the expert rank records each
+        step's counters as a per-step call would."""
+        lm = self.w.lm_head
+        direct = self.transfer.inline_experts()
+        if direct is None or lm.panels is None or lm.bias is not None or self.cache.decode_kernel is None:
+            return None
+        kernels = for_tensor(self.w.embed)
+        fused = self._decode_layers(kernels, direct) if kernels is not None and all(self.in_block) else None
+        loop = getattr(fused, "greedy_steps", None)
+        if loop is None:
+            return None
+        width = max(map(len, tables))
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        small, full = threads if threads is not None else (0, 0)
+        t0 = time.time()
+        done, out, stopped, counts, times, phases = loop(
+            torch.tensor(tokens, dtype=torch.long), torch.tensor(start_pos, dtype=torch.long), table, steps, self.w.embed,
+            self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, LM_HEAD_ROWS,
+            small if len(tokens) <= SMALL_STEP_TOKENS else full, full)
+        for k in range(counts.shape[0]):
+            direct.record_decode(step, 0, len(tokens), counts[k], times[k])
+        ends = phases.tolist()
+        layers = sum(a - b for (a, _), b in zip(ends, [t0] + [e for _, e in ends[:-1]]))
+        return out.tolist(), stopped, layers, sum(e - a for a, e in ends)
 
     def decode_block(self, kernels, layer: int, lw: LayerWeights, h: torch.Tensor, batch: AttentionBatch,
                      cos_sin: tuple[torch.Tensor, torch.Tensor]):

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from attention_node.forward import AttentionForward, RotaryTable, run_pingpong
+from attention_node.forward import LM_HEAD_ROWS, SMALL_STEP_TOKENS, AttentionForward, RotaryTable, run_pingpong
 from attention_node.paged_attention import AttentionBatch, PagedKVCache
 from attention_node.sampler import sample
 from attention_node.trace import StepTrace
@@ -25,9 +25,6 @@ from scheduler.request import SamplingParams
 from transfer.base import AttentionEndpoint
 
 
-LM_HEAD_ROWS = 128
-# A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
-SMALL_STEP_TOKENS = 128
 # Prefill chunks whose context is at most this many tokens are attended row by row by the CPU
 # decode kernel (each row a decode token whose context ends at itself), and their layers then run as
 # one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 512 tokens 6%; at 1024
@@ -77,15 +74,44 @@ class AttentionRank:
             self.params[new.request_id] = new.sampling
         trace = StepTrace(self.rank, plan.step, keep_spans=plan.trace)
         timings = {"prepare": 0.0, "forward": 0.0, "combine_wait": 0.0, "lm_head_sample": 0.0}
-        tokens: list[SampledToken] = []
-        micro_batches = plan.micro_batches
-        for k in range(plan.decode_steps):
-            if k:
-                micro_batches = [[replace(c, token_ids=[PENDING_TOKEN], start_pos=c.start_pos + 1,
-                                          output_index=c.output_index + 1) for c in chunks] for chunks in micro_batches]
+        done, tokens = 0, []
+        if len(plan.micro_batches) == 1 and not plan.return_logits and not trace.keep_spans:
+            done, tokens = self._greedy_steps(plan, plan.micro_batches[0], timings)
+        for k in range(done, plan.decode_steps):
+            micro_batches = plan.micro_batches if not k else [
+                [replace(c, token_ids=[PENDING_TOKEN], start_pos=c.start_pos + k, output_index=c.output_index + k)
+                 for c in chunks] for chunks in plan.micro_batches]
             tokens += self._pass(plan, micro_batches, trace, timings)
         timings["combine_wait"] = trace.wait_s
         return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace.events)
+
+    def _greedy_steps(self, plan: StepPlan, chunks: list[SeqChunk], timings: dict[str, float]) -> tuple[int, list[SampledToken]]:
+        """The call's decode steps in one kernel call (`AttentionForward.greedy_steps`) where every chunk
+        is a decode token of a greedy request that wants no logprobs: (steps done, their tokens); (0, [])
+        where that does not apply, and the passes below run every step. The same tokens as those passes."""
+        t0 = time.perf_counter()
+        params = [self.params[c.request_id] for c in chunks]
+        if not chunks or any(len(c.token_ids) != 1 or not c.sample for c in chunks) \
+                or not all(p.greedy and not p.logprobs for p in params):
+            return 0, []
+        got = self.forward.greedy_steps(plan.step, [self._tokens(c)[0] for c in chunks], [c.start_pos for c in chunks],
+                                        [c.block_table for c in chunks], plan.decode_steps, self.threads)
+        if got is None:
+            return 0, []
+        picked, stopped, layers_s, head_s = got
+        t1 = time.perf_counter()
+        tokens = [SampledToken(c.request_id, t, float("nan"), None) for row in picked for c, t in zip(chunks, row)]
+        last = picked[-1] if picked else None
+        if stopped is not None:     # a row without a finite maximum stopped the loop: that step through the sampler
+            last, logprobs = sample(stopped, params, [c.output_index + len(picked) for c in chunks])
+            tokens += [SampledToken(c.request_id, t, lp, None) for c, t, lp in zip(chunks, last, logprobs)]
+        if last is not None:
+            self.last_sampled.update((c.request_id, t) for c, t in zip(chunks, last))
+        t2 = time.perf_counter()
+        timings["prepare"] += (t1 - t0) - layers_s - head_s
+        timings["forward"] += layers_s
+        timings["lm_head_sample"] += head_s + (t2 - t1)
+        return len(picked) + (stopped is not None), tokens
 
     def _pass(self, plan: StepPlan, micro_batches: list[list[SeqChunk]], trace: StepTrace,
               timings: dict[str, float]) -> list[SampledToken]:

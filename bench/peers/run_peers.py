@@ -5,9 +5,9 @@
 
 Install the peers first (bench/peers/setup_peers.py; README.md beside this file). Per round, each engine
 runs in its own subprocess (its venv's python; llama.cpp's binary) that loads the model once and serves
-every batch size: a warm-up call (4 new tokens), then one timed call of b prompts × 32 random token ids
-(fixed seed: the same ids for every engine), 64 new tokens, greedy, EOS ignored. tok/s = b × 64 / the
-timed call's wall time (prefill included, start-up excluded). `--ttft`: time to first token of one
+every batch size: a warm-up call (4 new tokens), then `--repeats` (3) timed calls of b prompts × 32 random
+token ids (fixed seed: the same ids for every engine), 64 new tokens, greedy, EOS ignored. tok/s = b × 64
+/ the median timed call's wall time (prefill included, start-up excluded). `--ttft`: time to first token of one
 512-token prompt instead. The engine order rotates each round; the 1-minute load average (and the CPU
 the other processes on the machine used) is sampled while each engine runs.
 
@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--warmup-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed calls per case and round (after one warm-up); a round's figure is their median")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-threshold", type=float, default=None,
@@ -297,7 +299,8 @@ def main() -> None:
     new_tokens = 1 if args.ttft else args.new_tokens
     warmup_tokens = 1 if args.ttft else args.warmup_tokens
     job = {"model_dir": model_dir, "dtype": args.dtype, "threads": args.threads,
-           "cases": make_cases(batches, prompt_len, new_tokens, warmup_tokens, model_config["vocab_size"], args.seed),
+           "cases": make_cases(batches, prompt_len, new_tokens, warmup_tokens, model_config["vocab_size"], args.seed,
+                               args.repeats),
            "shuttle_opts": parse_opts(args.shuttle_opt), "vllm_opts": parse_opts(args.vllm_opt)}
     ggufs = {}
     if "llamacpp" in runnable:
@@ -316,7 +319,7 @@ def main() -> None:
     result = {"schema": "shuttle-peers/1", "mode": mode, "started": datetime.datetime.now().isoformat(timespec="seconds"),
               "settings": {"engines": names, "batches": batches, "rounds": args.rounds, "dtype": args.dtype,
                            "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup_tokens": warmup_tokens,
-                           "threads": args.threads, "seed": args.seed, "load_threshold": threshold, "model_dir": model_dir,
+                           "repeats": args.repeats, "threads": args.threads, "seed": args.seed, "load_threshold": threshold, "model_dir": model_dir,
                            "model_config": {k: model_config.get(k) for k in BENCH_MODEL}, "gguf": ggufs,
                            "shuttle_opts": job["shuttle_opts"], "vllm_opts": job["vllm_opts"],
                            "llamacpp_args": args.llamacpp_arg, "command": sys.argv},

@@ -174,3 +174,85 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
   }
   return {counts, times};
 }
+
+// Up to `steps` decode steps of B sequences, greedy, each step's tokens the next one's input: per step
+// the embedding rows, the rotary rows at each position, each new token's cache slot from its block
+// table, `run` (every layer), the final RMSNorm, the LM head (panels, in blocks of lm_rows rows) and
+// the greedy pick, from C++. The attention rank's per-step Python (building the batch, sampling, the
+// bookkeeping: ~0.3 ms of a ~3 ms step at batch 1) is paid once per call. The same calls in the same
+// order as a pass of attention_node/rank.py over one micro-batch of decode rows, so the same tokens.
+// tokens [B] int64: step 0's input; start_pos [B]: its positions; tables [B, nb] int64: block tables
+// that cover every step's position. A step whose logits have a row without a finite maximum stops the
+// loop before its pick (the Python sampler has a rule for those rows).
+// Returns (steps done, tokens [steps, B], logits of the step that stopped it ([B, V] float32, else
+// empty), counts [steps, L, X], times [steps, L, 2] as `run`'s, phase ends [steps, 2]: the layers',
+// then the LM head and pick's, as time.time()).
+std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLayers::greedy_steps(
+    at::Tensor tokens, at::Tensor start_pos, at::Tensor tables, int64_t steps, at::Tensor embed, at::Tensor cos_table,
+    at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, int64_t lm_rows, int64_t layer_threads,
+    int64_t head_threads) {
+  const int64_t B = tokens.size(0), L = in_norm_.size(), X = up_[0].size();
+  TORCH_CHECK(steps >= 1 && B >= 1 && lm_rows >= 1, "greedy_steps: ", steps, " steps of ", B, " sequences");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && start_pos.scalar_type() == at::kLong && tables.scalar_type() == at::kLong
+              && tables.dim() == 2 && tables.size(0) == B && start_pos.size(0) == B && tables.is_contiguous()
+              && start_pos.is_contiguous(), "greedy_steps: int64 tokens [B], start_pos [B], tables [B, nb]");
+  const int64_t nb = tables.size(1), V = embed.size(0);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = start_pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] + steps <= nb * block_size_ && sp[b] + steps <= cos_table.size(0),
+                "greedy_steps: sequence ", b, " at position ", sp[b], " has no room for ", steps, " steps");
+  const auto lopt = at::TensorOptions().dtype(at::kLong);
+  auto out = at::empty({steps, B}, lopt);
+  auto counts = at::empty({steps, L, X}, lopt);
+  auto times = at::empty({steps, L, 2}, at::TensorOptions().dtype(at::kDouble));
+  auto phases = at::empty({steps, 2}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor stopped;
+  auto ids = tokens.contiguous().clone();
+  auto pos = at::empty({B}, lopt), slots = at::empty({B}, lopt), lens = at::empty({B}, lopt);
+  int64_t* pp = pos.data_ptr<int64_t>();
+  int64_t* slp = slots.data_ptr<int64_t>();
+  int64_t* lp = lens.data_ptr<int64_t>();
+  const auto now = [] {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  };
+  int64_t k = 0;
+  for (; k < steps; ++k) {
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ip[b] >= 0 && ip[b] < V, "greedy_steps: token id ", ip[b], " out of range for ", V);
+      pp[b] = sp[b] + k;
+      slp[b] = tp[b * nb + pp[b] / block_size_] * block_size_ + pp[b] % block_size_;
+      lp[b] = pp[b] + 1;
+    }
+    if (layer_threads > 0) at::set_num_threads(layer_threads);
+    auto h = embed.index_select(0, ids);
+    auto [c, t] = run(h, cos_table.index_select(0, pos).unsqueeze(1), sin_table.index_select(0, pos).unsqueeze(1),
+                      slots, tables, lens, false);
+    counts[k].copy_(c);
+    times[k].copy_(t);
+    double* ph = phases.data_ptr<double>() + 2 * k;
+    ph[0] = now();
+    if (head_threads > 0) at::set_num_threads(head_threads);
+    const auto x = rms_norm(h, final_norm, eps_);
+    auto logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+    for (int64_t r0 = 0; r0 < B; r0 += lm_rows) {
+      const int64_t n = std::min(lm_rows, B - r0);
+      auto part = panel_linear(x.narrow(0, r0, n).contiguous(), lm_head);
+      logits.narrow(0, r0, n).copy_(part);            // float32 as is; bfloat16 widened as .float() does
+    }
+    auto [top, arg] = row_max(logits);
+    const float* topp = top.data_ptr<float>();
+    bool finite = true;
+    for (int64_t b = 0; b < B; ++b) finite = finite && std::isfinite(topp[b]);
+    ph[1] = now();
+    if (!finite) {
+      stopped = logits;
+      break;
+    }
+    out[k].copy_(arg);
+    ids = arg;
+  }
+  const int64_t ran = stopped.defined() ? k + 1 : k;      // the stopping step ran its layers and LM head too
+  return {k, out.narrow(0, 0, k), stopped, counts.narrow(0, 0, ran), times.narrow(0, 0, ran), phases.narrow(0, 0, ran)};
+}

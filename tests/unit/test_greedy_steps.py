@@ -1,0 +1,85 @@
+"""A colocated node's greedy decode steps in one kernel call (`DecodeLayers.greedy_steps`, through
+`AttentionRank._greedy_steps`): every layer, the final norm, the LM head and the greedy pick of each
+step, and the next step's inputs, without Python between steps. It must give the tokens the per-step
+passes give, bit for bit, with the expert rank counting and tracing the same work; a request that
+samples or asks for logprobs keeps the passes; a step whose logits have no finite maximum goes
+through the sampler's rule (the greedy fallback), as a pass would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_node.forward as forward
+from cluster.colocated import ColocatedRanks, InProcessColocated
+from models.spec import load_spec
+from scheduler.config import EngineConfig, EngineLimits
+from scheduler.engine import Engine
+from scheduler.placement import Placement
+from scheduler.request import SamplingParams
+
+PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7], [2, 7, 1, 8, 2, 8]]
+# Panel-packed experts (2^16+ elements each), as the one-call step needs.
+MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=256)
+
+
+def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison: bool = False):
+    """loop: whether the one-call greedy steps may run (False: every step a pass). poison: the final
+    norm's weight set to NaN, so that every logit is NaN."""
+    real = forward.AttentionForward.greedy_steps
+    steps_in_loop = []
+
+    def counted(self, *args):
+        got = real(self, *args) if loop else None
+        if got is not None:
+            steps_in_loop.append(len(got[0]) + (got[1] is not None))
+        return got
+    monkeypatch.setattr(forward.AttentionForward, "greedy_steps", counted)
+    spec = load_spec(model)
+    config = EngineConfig(dtype=dtype, max_batch_tokens=16, colocate=True, decode_steps=decode_steps)
+    limits = EngineLimits.derive(config, max_position_embeddings=spec.max_position_embeddings,
+                                 vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
+    placement = Placement.contiguous(spec.num_experts, 1)
+    ranks = ColocatedRanks(spec, config, limits, model, "cpu", None, [placement.experts_of(0)])
+    if poison:
+        ranks.worker.forward.w.final_norm.fill_(float("nan"))
+    engine = Engine(config, limits, InProcessColocated(ranks))
+    try:
+        out = engine.generate(PROMPTS, params or SamplingParams(max_tokens=9))
+        stats = ranks.check_health()
+        events = ranks.trace_events()
+    finally:
+        engine.shutdown()
+    monkeypatch.undo()
+    return [c.token_ids for c in out], stats, events, steps_in_loop
+
+
+@pytest.mark.parametrize("dtype,decode_steps", [("float32", 1), ("float32", 4), ("bfloat16", 4)])
+def test_greedy_steps_in_one_call_give_the_passes_tokens(tiny_model, monkeypatch, dtype, decode_steps):
+    model = tiny_model("mixtral", **MODEL)
+    tokens, stats, events, _ = _run(model, dtype, decode_steps, monkeypatch, loop=False)
+    got, got_stats, got_events, loops = _run(model, dtype, decode_steps, monkeypatch, loop=True)
+    assert loops and max(loops) == decode_steps, "the one-call loop never ran, or not for the call's steps"
+    assert sum(loops) >= 4, loops
+    assert got == tokens
+    for key in ("micro_batches", "tokens", "empty_messages", "expert_gemms", "expert_reads"):
+        assert got_stats[key] == stats[key], key
+    assert sorted((e.step, e.layer, e.micro_batch, e.tokens) for e in got_events) == \
+        sorted((e.step, e.layer, e.micro_batch, e.tokens) for e in events)
+
+
+def test_sampling_or_logprobs_keep_the_passes(tiny_model, monkeypatch):
+    model = tiny_model("mixtral", **MODEL)
+    for params in (SamplingParams(max_tokens=6, temperature=0.8, seed=7), SamplingParams(max_tokens=6, logprobs=True)):
+        tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, params=params)
+        got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, params=params)
+        assert loops == [] and got == tokens, params
+
+
+def test_logits_without_a_finite_maximum_take_the_samplers_fallback(tiny_model, monkeypatch):
+    model = tiny_model("mixtral", **MODEL)
+    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison=True)
+    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison=True)
+    assert loops and all(n == 1 for n in loops), loops     # each call stops at its first step's NaN logits
+    assert got == tokens
+    assert torch.tensor(got).eq(0).all()                   # the fallback's pick for all-NaN logits
