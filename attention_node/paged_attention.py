@@ -190,7 +190,7 @@ def _grouped_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     On the CPU this beats SDPA, which takes its unfused path for a masked, grouped-query chunk. Long
     chunks go in blocks of PREFILL_BLOCK queries, each against the keys it can see (C − n + its last
     query): a causal chunk needs only about half the products, and a block's scores stay in cache
-    (512 tokens, one layer: 11 ms in one block, 3.7 in blocks of 256; docs/performance.md)."""
+    (512 tokens, one layer: 11 ms in one block, 3.1 in blocks of 128; docs/performance.md)."""
     n, h, d = q.shape
     g, C = k.shape[0], k.shape[1]
     r = h // g
@@ -206,7 +206,9 @@ def _grouped_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out
 
 
-PREFILL_BLOCK = 256
+# Session 12, one layer of a 512-token chunk (8 / 2 heads, d 64, 2 threads): blocks of 256 queries
+# 4.2 ms in float32, 7.6 in bfloat16; of 128: 3.1 and 2.6; of 64: 3.3 and 3.3 (docs/performance.md).
+PREFILL_BLOCK = 128
 
 
 def _grouped_block(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,10 @@ from transfer.base import AttentionEndpoint
 
 # Prefill chunks whose context is at most this many tokens are attended row by row by the CPU
 # decode kernel (each row a decode token whose context ends at itself), and their layers then run as
-# one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 512 tokens 6%; at 1024
-# tokens the matrix products win (docs/performance.md).
-ROW_PREFILL_CONTEXT = 512
+# one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 256 tokens 5%; at 384
+# the two are level, at 512 the matrix products (in blocks of 128 queries) win by 2% in float32 and
+# 10% in bfloat16 (docs/performance.md).
+ROW_PREFILL_CONTEXT = 384
 
 
 class AttentionRank:
