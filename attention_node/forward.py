@@ -219,13 +219,14 @@ class AttentionForward:
         kernels = for_tensor(self.w.embed)
         fused = self._decode_layers(kernels, direct) if kernels is not None and all(self.in_block) else None
         loop = getattr(fused, "greedy_steps", None)
-        if loop is None:
-            return None
+        bs = self.cache.block_size
+        if loop is None or any((p + steps - 1) // bs >= len(t) for p, t in zip(start_pos, tables)):
+            return None      # (a table that does not cover every step: the passes raise on it, as before)
         width = max(map(len, tables))
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
         small, full = threads if threads is not None else (0, 0)
         t0 = time.time()
-        done, out, stopped, counts, times, phases = loop(
+        _, out, stopped, counts, times, phases = loop(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(start_pos, dtype=torch.long), table, steps, self.w.embed,
             self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, LM_HEAD_ROWS,
             small if len(tokens) <= SMALL_STEP_TOKENS else full, full)

@@ -15,7 +15,6 @@ This module is the one reader of config.json and imports no torch: the tuner bui
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 from dataclasses import dataclass, replace

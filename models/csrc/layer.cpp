@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
 // bookkeeping: ~0.3 ms of a ~3 ms step at batch 1) is paid once per call. The same calls in the same
 // order as a pass of attention_node/rank.py over one micro-batch of decode rows, so the same tokens.
 // tokens [B] int64: step 0's input; start_pos [B]: its positions; tables [B, nb] int64: block tables
-// that cover every step's position. A step whose logits have a row without a finite maximum stops the
+// that cover every step's position, padded with -1 (checked: a padded entry is never a slot). A step whose logits have a row without a finite maximum stops the
 // loop before its pick (the Python sampler has a rule for those rows).
 // Returns (steps done, tokens [steps, B], logits of the step that stopped it ([B, V] float32, else
 // empty), counts [steps, L, X], times [steps, L, 2] as `run`'s, phase ends [steps, 2]: the layers',
@@ -207,7 +207,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
   auto counts = at::empty({steps, L, X}, lopt);
   auto times = at::empty({steps, L, 2}, at::TensorOptions().dtype(at::kDouble));
   auto phases = at::empty({steps, 2}, at::TensorOptions().dtype(at::kDouble));
-  at::Tensor stopped;
+  at::Tensor stopped, logits;
   auto ids = tokens.contiguous().clone();
   auto pos = at::empty({B}, lopt), slots = at::empty({B}, lopt), lens = at::empty({B}, lopt);
   int64_t* pp = pos.data_ptr<int64_t>();
@@ -222,7 +222,9 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(ip[b] >= 0 && ip[b] < V, "greedy_steps: token id ", ip[b], " out of range for ", V);
       pp[b] = sp[b] + k;
-      slp[b] = tp[b * nb + pp[b] / block_size_] * block_size_ + pp[b] % block_size_;
+      const int64_t block = tp[b * nb + pp[b] / block_size_];
+      TORCH_CHECK(block >= 0, "greedy_steps: sequence ", b, "'s block table does not cover position ", pp[b]);
+      slp[b] = block * block_size_ + pp[b] % block_size_;
       lp[b] = pp[b] + 1;
     }
     if (layer_threads > 0) at::set_num_threads(layer_threads);
@@ -235,10 +237,11 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
     ph[0] = now();
     if (head_threads > 0) at::set_num_threads(head_threads);
     const auto x = rms_norm(h, final_norm, eps_);
-    auto logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
     for (int64_t r0 = 0; r0 < B; r0 += lm_rows) {
       const int64_t n = std::min(lm_rows, B - r0);
       auto part = panel_linear(x.narrow(0, r0, n).contiguous(), lm_head);
+      if (!logits.defined())            // [B, vocab] once per call, reused by every step
+        logits = at::empty({B, part.size(1)}, at::TensorOptions().dtype(at::kFloat));
       logits.narrow(0, r0, n).copy_(part);            // float32 as is; bfloat16 widened as .float() does
     }
     auto [top, arg] = row_max(logits);

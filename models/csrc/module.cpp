@@ -28,7 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<c10::optional<at::Tensor>>, std::vector<c10::optional<at::Tensor>>, int64_t, bool,
                           at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<std::vector<at::Tensor>>>())
       .def("run", &DecodeLayers::run)
-      .def("greedy_steps", &DecodeLayers::greedy_steps);
+      // A call of many steps lets go of the GIL: the rank answers health checks on another thread meanwhile.
+      .def("greedy_steps", &DecodeLayers::greedy_steps, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("has_panel_linear", &has_panel_linear, "whether panel_linear was built (AVX2 and FMA)");
   m.def("float_panel_cols", &float_panel_cols, "columns per float32 panel: 16 with AVX-512, 8 with AVX2 only");
   m.def("has_bf16_panels", &has_bf16_panels, "whether bfloat16 panels were built (AVX-512 BF16)");

@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::T
   const auto fopt = x.options().dtype(at::kFloat);
   auto sum = at::zeros({n, H}, fopt);
   if (p == 0) {
-    if (residual != nullptr) return {*residual, counts_t};      // h + 0 is h, in either dtype
+    if (residual != nullptr) return {*residual, counts_t};      // h + 0 is h (up to the sign of a zero)
     return {x.scalar_type() == at::kFloat ? sum : sum.to(x.scalar_type()), counts_t};
   }
   const X* xp = reinterpret_cast<const X*>(x.data_ptr());

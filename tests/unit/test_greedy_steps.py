@@ -23,16 +23,24 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7], [2, 7, 1,
 MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=256)
 
 
-def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison: bool = False):
-    """loop: whether the one-call greedy steps may run (False: every step a pass). poison: the final
-    norm's weight set to NaN, so that every logit is NaN."""
+def _kernels_or_skip(dtype: str) -> None:
+    from models.cpu_kernels import cpu_kernels
+    ext = cpu_kernels()
+    if ext is None or not ext.has_panel_linear() or (dtype == "bfloat16" and not ext.has_bf16_panels()):
+        pytest.skip(f"no panel-packed {dtype} weights on this CPU: the one-call steps do not apply")
+
+
+def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison=None):
+    """loop: whether the one-call greedy steps may run (False: every step a pass). poison: "norm" (the
+    final norm's weight NaN: every logit NaN) or a token id (its embedding row NaN: the rows fed it,
+    and those sequences from then on, get NaN logits)."""
     real = forward.AttentionForward.greedy_steps
     steps_in_loop = []
 
     def counted(self, *args):
         got = real(self, *args) if loop else None
         if got is not None:
-            steps_in_loop.append(len(got[0]) + (got[1] is not None))
+            steps_in_loop.append((len(got[0]), got[1] is not None))
         return got
     monkeypatch.setattr(forward.AttentionForward, "greedy_steps", counted)
     spec = load_spec(model)
@@ -41,8 +49,10 @@ def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, par
                                  vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
     placement = Placement.contiguous(spec.num_experts, 1)
     ranks = ColocatedRanks(spec, config, limits, model, "cpu", None, [placement.experts_of(0)])
-    if poison:
+    if poison == "norm":
         ranks.worker.forward.w.final_norm.fill_(float("nan"))
+    elif poison is not None:
+        ranks.worker.forward.w.embed[poison].fill_(float("nan"))
     engine = Engine(config, limits, InProcessColocated(ranks))
     try:
         out = engine.generate(PROMPTS, params or SamplingParams(max_tokens=9))
@@ -56,11 +66,12 @@ def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, par
 
 @pytest.mark.parametrize("dtype,decode_steps", [("float32", 1), ("float32", 4), ("bfloat16", 4)])
 def test_greedy_steps_in_one_call_give_the_passes_tokens(tiny_model, monkeypatch, dtype, decode_steps):
+    _kernels_or_skip(dtype)
     model = tiny_model("mixtral", **MODEL)
     tokens, stats, events, _ = _run(model, dtype, decode_steps, monkeypatch, loop=False)
     got, got_stats, got_events, loops = _run(model, dtype, decode_steps, monkeypatch, loop=True)
-    assert loops and max(loops) == decode_steps, "the one-call loop never ran, or not for the call's steps"
-    assert sum(loops) >= 4, loops
+    assert loops and max(n for n, _ in loops) == decode_steps, "the one-call loop never ran, or not for the call's steps"
+    assert sum(n for n, _ in loops) >= 4 and not any(stop for _, stop in loops), loops
     assert got == tokens
     for key in ("micro_batches", "tokens", "empty_messages", "expert_gemms", "expert_reads"):
         assert got_stats[key] == stats[key], key
@@ -69,6 +80,7 @@ def test_greedy_steps_in_one_call_give_the_passes_tokens(tiny_model, monkeypatch
 
 
 def test_sampling_or_logprobs_keep_the_passes(tiny_model, monkeypatch):
+    _kernels_or_skip("float32")
     model = tiny_model("mixtral", **MODEL)
     for params in (SamplingParams(max_tokens=6, temperature=0.8, seed=7), SamplingParams(max_tokens=6, logprobs=True)):
         tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, params=params)
@@ -77,9 +89,27 @@ def test_sampling_or_logprobs_keep_the_passes(tiny_model, monkeypatch):
 
 
 def test_logits_without_a_finite_maximum_take_the_samplers_fallback(tiny_model, monkeypatch):
+    _kernels_or_skip("float32")
     model = tiny_model("mixtral", **MODEL)
-    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison=True)
-    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison=True)
-    assert loops and all(n == 1 for n in loops), loops     # each call stops at its first step's NaN logits
+    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison="norm")
+    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison="norm")
+    assert loops and all(call == (0, True) for call in loops), loops     # every call stops at its first step
     assert got == tokens
     assert torch.tensor(got).eq(0).all()                   # the fallback's pick for all-NaN logits
+
+
+def test_a_stop_midway_through_a_call_goes_on_with_the_passes(tiny_model, monkeypatch):
+    """One token's embedding made NaN: the call stops at the step that feeds it (not its first), that
+    step goes through the sampler, and the call's later steps (passes) and calls carry on, the other
+    sequences with real tokens, as step by step."""
+    _kernels_or_skip("float32")
+    model = tiny_model("mixtral", **MODEL)
+    clean, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False)
+    seen = {t for p in PROMPTS for t in p}
+    # a token first produced at output index 2 (fed at the second step of the first decode call)
+    poison = next(out[2] for out in clean if out[2] not in seen | {t for o in clean for t in o[:2]})
+    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison=poison)
+    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison=poison)
+    assert any(stop and n > 0 for n, stop in loops), loops    # a call stopped after picking in C++
+    assert got == tokens
+    assert any(out[3:] != [0] * len(out[3:]) for out in got)    # the other sequences went on for real
