@@ -24,7 +24,8 @@ Places where torch's own CPU ops measured far from what the machine can do:
   `decode_block` runs a decode step's whole attention block of one layer (those ops, the projections,
   decode attention and the router's top-k) in one call from C++, bit-identical to the Python path;
   `DecodeLayers` runs every layer of a decode step, the expert layer included, in one call where a
-  colocated node's attention rank and its one expert rank share the process.
+  colocated node's attention rank and its one expert rank share the process, and its `greedy_steps`
+  a rank call's decode steps of greedy requests (layers, LM head, pick, next inputs) in one call.
 
 Measurements of each against torch: docs/performance.md.
 
