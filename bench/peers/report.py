@@ -35,6 +35,19 @@ def summarize(result: dict, threshold: float | None = None) -> dict:
             for rec in run.get("results", []):
                 if str(rec["batch"]) in per_round.get(e, {}):
                     per_round[e][str(rec["batch"])][i] = value_of(mode, rec)
+    # every timed call of the used rounds together (rounds × repeats): on a noisy machine the median of
+    # all calls says more than a median of 3 per-round medians
+    calls = {e: {str(b): [] for b in batches} for e in engines}
+    for r in rounds:
+        if r["round"] not in used:
+            continue
+        for e, run in r["engines"].items():
+            for rec in run.get("results", []):
+                if str(rec["batch"]) in calls.get(e, {}):
+                    calls[e][str(rec["batch"])] += [dict(rec, seconds=t) for t in rec.get("calls_s") or [rec["seconds"]]]
+    pooled = {e: {b: value_of(mode, {**recs[0], "seconds": statistics.median(x["seconds"] for x in recs)}) if recs else None
+                  for b, recs in per_batch.items()} for e, per_batch in calls.items()}
+    pooled_n = {e: {b: len(recs) for b, recs in per_batch.items()} for e, per_batch in calls.items()}
     median, spread, ratio, ratio_rounds = {}, {}, {}, {}
     for e in engines:
         median[e], spread[e], ratio[e], ratio_rounds[e] = {}, {}, {}, {}
@@ -69,7 +82,8 @@ def summarize(result: dict, threshold: float | None = None) -> dict:
     return {"metric": "tok/s" if mode == "throughput" else "ms to first token", "load_threshold": threshold,
             "same_first_tokens_as_shuttle": agree,
             "quiet_rounds": quiet, "used_rounds": used, "all_rounds_loaded": not quiet and bool(rounds),
-            "per_round": per_round, "median": median, "min_max": spread,
+            "per_round": per_round, "median": median, "min_max": spread, "all_calls_median": pooled,
+            "all_calls": pooled_n,
             "speed_vs_shuttle": ratio, "speed_vs_shuttle_per_round": ratio_rounds}
 
 
@@ -100,6 +114,14 @@ def table(result: dict, summary: dict) -> str:
             else:
                 cells.append(f"{v:.1f}" + ("" if e == "shuttle" or r is None else f" ({r:.2f}× Shuttle)"))
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    pooled = summary.get("all_calls_median") or {}
+    if any(n > len(summary["used_rounds"]) for per in summary.get("all_calls", {}).values() for n in per.values()):
+        lines.append("\nEvery timed call of those rounds together (median; calls per engine and batch: "
+                     + ", ".join(f"{e} {max(per.values())}" for e, per in summary["all_calls"].items()) + "):\n")
+        lines.append("| engine | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        lines.append("|---|" + "---|" * len(batches))
+        for e, per in pooled.items():
+            lines.append(f"| {e} | " + " | ".join("—" if per[str(b)] is None else f"{per[str(b)]:.1f}" for b in batches) + " |")
     if "shuttle" in summary["median"] and summary.get("same_first_tokens_as_shuttle"):
         lines.append("\nSame first 16 greedy tokens of prompt 0 as Shuttle (calls that match / compared): "
                      + ", ".join(f"{e} {v}" for e, v in summary["same_first_tokens_as_shuttle"].items()))
