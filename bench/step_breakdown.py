@@ -12,8 +12,10 @@ Phases: attention (QKV, rotary, paged attention, O: per layer; in decode steps w
 as one `decode_block` call, also its norms, residual add and router), router, experts (the expert rank's
 grouped FFN, including its sort and sum), layers (decode steps whose every layer, experts included,
 runs as one `DecodeLayers` call: attention and experts together), lm_head, sampler; "other" is the
-rest (batch building, the head's scheduling, the Python around the calls). `--layer-by-layer` turns
-the one-call step off, so that its attention and expert phases show separately.
+rest (batch building, the head's scheduling, the Python around the calls). Greedy decode steps run
+as one `DecodeLayers.greedy_steps` call a step here (the engine's default of one step a call): its
+layers count as "layers" and its LM head and greedy pick as "lm_head" (no "sampler"). `--layer-by-layer`
+turns the one-call paths off, so that attention and expert phases show separately.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def timed(name: str, fn):
 
 
 class _TimedLayers:
-    """A `DecodeLayers` whose `run` is timed as the "layers" phase."""
+    """A `DecodeLayers` whose `run` is timed as the "layers" phase; its `greedy_steps` (a call's greedy
+    decode steps in one kernel call) reports its own split, taken below."""
 
     def __init__(self, fused):
         self.fused = fused
         self.run = timed("layers", fused.run)
+        self.greedy_steps = fused.greedy_steps
 
 
 def instrument(layer_by_layer: bool = False) -> None:
@@ -79,6 +83,16 @@ def instrument(layer_by_layer: bool = False) -> None:
         fused = real(self, kernels, experts)
         return None if fused is None else _TimedLayers(fused)
     forward_mod.AttentionForward._decode_layers = decode_layers
+    real_greedy = forward_mod.AttentionForward.greedy_steps
+
+    def greedy_steps(self, *args):
+        got = real_greedy(self, *args)
+        if got is not None:      # (tokens, stopped logits, seconds in the layers, seconds in the LM head and pick)
+            with _LOCK:
+                SECONDS["layers"] += got[2]
+                SECONDS["lm_head"] += got[3]
+        return got
+    forward_mod.AttentionForward.greedy_steps = greedy_steps
     forward_mod.AttentionForward.attention = timed("attention", forward_mod.AttentionForward.attention)
     forward_mod.AttentionForward.decode_block = timed("attention", forward_mod.AttentionForward.decode_block)
     forward_mod.route = timed("router", forward_mod.route)
