@@ -35,8 +35,6 @@ from transfer.base import AttentionEndpoint, InlineExperts
 
 # The LM head runs over at most this many rows at once (bounded [rows, V] logits).
 LM_HEAD_ROWS = 128
-# A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
-SMALL_STEP_TOKENS = 128
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -203,33 +201,31 @@ class AttentionForward:
         return self._fused or None
 
     def greedy_steps(self, step: int, tokens: list[int], start_pos: list[int], tables: list[list[int]], steps: int,
-                     threads: tuple[int, int] | None):
+                     threads: tuple[int, int]):
         """Up to `steps` greedy decode steps of one micro-batch of decode rows (row b: input token
         tokens[b] at start_pos[b], block table tables[b] covering every step) in one kernel call,
         `DecodeLayers.greedy_steps`: per step every layer, the final norm, the LM head and the greedy
-        pick, without Python in between. Where the whole-step kernel does not apply, or the LM head is
-        not panel-packed or has a bias: None. Else (tokens [done][B], logits [B, V] float32 of the step
-        that stopped the loop before its pick (a row without a finite maximum: the sampler's rule) or
-        None, seconds in the layers, seconds in the LM head and pick); the expert rank records each
-        step's counters as a per-step call would."""
+        pick, without Python in between; threads: (for the layers, for the LM head), 0 leaving torch's
+        setting alone. Where the whole-step kernel does not apply, or the LM head is not panel-packed
+        or has a bias: None. Else (tokens [done][B], logits [B, V] float32 of the step that stopped the
+        loop before its pick (a row without a finite maximum: the sampler's rule) or None, seconds in
+        the layers, seconds in the LM head and pick); the expert rank records each step's counters as
+        a per-step call would."""
         lm = self.w.lm_head
         direct = self.transfer.inline_experts()
         if direct is None or lm.panels is None or lm.bias is not None or self.cache.decode_kernel is None:
             return None
         kernels = for_tensor(self.w.embed)
-        fused = self._decode_layers(kernels, direct) if kernels is not None and all(self.in_block) else None
-        loop = getattr(fused, "greedy_steps", None)
+        fused = self._decode_layers(kernels, direct) if kernels is not None else None
         bs = self.cache.block_size
-        if loop is None or any((p + steps - 1) // bs >= len(t) for p, t in zip(start_pos, tables)):
+        if fused is None or any((p + steps - 1) // bs >= len(t) for p, t in zip(start_pos, tables)):
             return None      # (a table that does not cover every step: the passes raise on it, as before)
         width = max(map(len, tables))
         table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
-        small, full = threads if threads is not None else (0, 0)
         t0 = time.time()
-        _, out, stopped, counts, times, phases = loop(
+        out, stopped, counts, times, phases = fused.greedy_steps(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(start_pos, dtype=torch.long), table, steps, self.w.embed,
-            self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, LM_HEAD_ROWS,
-            small if len(tokens) <= SMALL_STEP_TOKENS else full, full)
+            self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, LM_HEAD_ROWS, *threads)
         for k in range(counts.shape[0]):
             direct.record_decode(step, 0, len(tokens), counts[k], times[k])
         ends = phases.tolist()

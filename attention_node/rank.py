@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from attention_node.forward import LM_HEAD_ROWS, SMALL_STEP_TOKENS, AttentionForward, RotaryTable, run_pingpong
+from attention_node.forward import LM_HEAD_ROWS, AttentionForward, RotaryTable, run_pingpong
 from attention_node.paged_attention import AttentionBatch, PagedKVCache
 from attention_node.sampler import sample
 from attention_node.trace import StepTrace
@@ -25,6 +25,8 @@ from scheduler.request import SamplingParams
 from transfer.base import AttentionEndpoint
 
 
+# A step of at most this many tokens runs its layers on `threads[0]` (cluster/threads.py says why).
+SMALL_STEP_TOKENS = 128
 # Prefill chunks whose context is at most this many tokens are attended row by row by the CPU
 # decode kernel (each row a decode token whose context ends at itself), and their layers then run as
 # one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 256 tokens 5%; at 384
@@ -86,6 +88,10 @@ class AttentionRank:
         timings["combine_wait"] = trace.wait_s
         return StepResult(step=plan.step, rank=self.rank, tokens=tokens, timings=timings, trace=trace.events)
 
+    def _threads(self, tokens: int) -> tuple[int, int]:
+        """(threads for the layers of a step of this many tokens, threads for the LM head and the rest)."""
+        return self.threads[0] if tokens <= SMALL_STEP_TOKENS else self.threads[1], self.threads[1]
+
     def _greedy_steps(self, plan: StepPlan, chunks: list[SeqChunk], timings: dict[str, float]) -> tuple[int, list[SampledToken]]:
         """The call's decode steps in one kernel call (`AttentionForward.greedy_steps`) where every chunk
         is a decode token of a greedy request that wants no logprobs: (steps done, their tokens); (0, [])
@@ -96,7 +102,8 @@ class AttentionRank:
                 or not all(p.greedy and not p.logprobs for p in params):
             return 0, []
         got = self.forward.greedy_steps(plan.step, [self._tokens(c)[0] for c in chunks], [c.start_pos for c in chunks],
-                                        [c.block_table for c in chunks], plan.decode_steps, self.threads)
+                                        [c.block_table for c in chunks], plan.decode_steps,
+                                        self._threads(len(chunks)) if self.threads is not None else (0, 0))
         if got is None:
             return 0, []
         picked, stopped, layers_s, head_s = got
@@ -120,8 +127,7 @@ class AttentionRank:
         t0 = time.perf_counter()
         programs, sampled = [], []
         if self.threads is not None:
-            tokens = sum(len(c.token_ids) for chunks in micro_batches for c in chunks)
-            torch.set_num_threads(self.threads[0] if tokens <= SMALL_STEP_TOKENS else self.threads[1])
+            torch.set_num_threads(self._threads(sum(len(c.token_ids) for chunks in micro_batches for c in chunks))[0])
         for j, chunks in enumerate(micro_batches):
             batch = AttentionBatch.build(chunks, self.cache.block_size, self.device,
                                          ROW_PREFILL_CONTEXT if self.cache.decode_kernel is not None else 0)

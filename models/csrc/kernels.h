@@ -107,7 +107,7 @@ class DecodeLayers {
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor slots,
                                          at::Tensor blocks, at::Tensor lens, bool reverse);
   // Up to `steps` greedy decode steps of B sequences, each step's tokens fed to the next (layer.cpp).
-  std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_steps(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_steps(
       at::Tensor tokens, at::Tensor start_pos, at::Tensor tables, int64_t steps, at::Tensor embed, at::Tensor cos_table,
       at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, int64_t lm_rows, int64_t layer_threads,
       int64_t head_threads);

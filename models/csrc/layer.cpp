@@ -102,6 +102,12 @@ std::tuple<at::Tensor, at::Tensor> route_topk(at::Tensor logits, at::Tensor like
 }
 
 // ---- DecodeLayers -------------------------------------------------------------------------------
+namespace {
+double wall_now() {      // seconds since the epoch, as Python's time.time()
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
 // Every layer of a decode step in one call, where the attention rank and its one expert rank share a
 // process (a colocated node: transfer/inprocess.py hands the attention rank the expert rank): per
 // layer `decode_block`, then `moe_ffn` over the expert rank's local experts, then h += their output.
@@ -141,9 +147,6 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
   auto times = at::empty({L, 2}, at::TensorOptions().dtype(at::kDouble));
   int64_t* cp = counts.data_ptr<int64_t>();
   double* tp = times.data_ptr<double>();
-  const auto now = [] {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  };
   const int64_t pairs = h.size(0) * top_k_, E = local_index_.size(0);
   const int64_t* li = local_index_.data_ptr<int64_t>();
   const bool bf16 = h.scalar_type() == at::kBFloat16;
@@ -154,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
                                           cos, sin, k_cache_[l], v_cache_[l], slots, blocks, lens, block_size_, scale_,
                                           o_[l], o_bias_[l], router_panels_[l], router_weight_[l], router_bias_[l], top_k_,
                                           renormalize_);
-    tp[2 * l] = now();
+    tp[2 * l] = wall_now();
     // local ids and float32 weights (the bfloat16 weights widened: what the per-layer path hands the
     // expert rank) in one loop, where torch took three ops
     const int64_t* gid = ids.data_ptr<int64_t>();
@@ -168,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
       wf[i] = bf16 ? static_cast<float>(wb[i]) : w32[i];
     }
     auto [out, c] = moe_ffn_add(x, local, wfloat, up_[l], down_[l], reverse, &h);     // h += the expert layer
-    tp[2 * l + 1] = now();
+    tp[2 * l + 1] = wall_now();
     TORCH_CHECK(c.numel() == X, "DecodeLayers: layer ", l, " has ", c.numel(), " local experts, layer 0 has ", X);
     std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + X, cp + l * X);
   }
@@ -182,12 +185,13 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
 // bookkeeping: ~0.3 ms of a ~3 ms step at batch 1) is paid once per call. The same calls in the same
 // order as a pass of attention_node/rank.py over one micro-batch of decode rows, so the same tokens.
 // tokens [B] int64: step 0's input; start_pos [B]: its positions; tables [B, nb] int64: block tables
-// that cover every step's position, padded with -1 (checked: a padded entry is never a slot). A step whose logits have a row without a finite maximum stops the
-// loop before its pick (the Python sampler has a rule for those rows).
-// Returns (steps done, tokens [steps, B], logits of the step that stopped it ([B, V] float32, else
-// empty), counts [steps, L, X], times [steps, L, 2] as `run`'s, phase ends [steps, 2]: the layers',
-// then the LM head and pick's, as time.time()).
-std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLayers::greedy_steps(
+// that cover every step's position, padded with -1 (checked: a padded entry is never a slot). A step
+// whose logits have a row without a finite maximum stops the loop before its pick (the Python
+// sampler has a rule for those rows).
+// Returns (tokens [steps done, B], logits of the step that stopped it ([B, V] float32, else
+// undefined), counts [steps run, L, X], times [steps run, L, 2] as `run`'s, phase ends [steps run, 2]:
+// the layers', then the LM head and pick's, as time.time()); a stopped step ran, but picked nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLayers::greedy_steps(
     at::Tensor tokens, at::Tensor start_pos, at::Tensor tables, int64_t steps, at::Tensor embed, at::Tensor cos_table,
     at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, int64_t lm_rows, int64_t layer_threads,
     int64_t head_threads) {
@@ -213,9 +217,6 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
   int64_t* pp = pos.data_ptr<int64_t>();
   int64_t* slp = slots.data_ptr<int64_t>();
   int64_t* lp = lens.data_ptr<int64_t>();
-  const auto now = [] {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  };
   int64_t k = 0;
   for (; k < steps; ++k) {
     const int64_t* ip = ids.data_ptr<int64_t>();
@@ -234,7 +235,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
     counts[k].copy_(c);
     times[k].copy_(t);
     double* ph = phases.data_ptr<double>() + 2 * k;
-    ph[0] = now();
+    ph[0] = wall_now();
     if (head_threads > 0) at::set_num_threads(head_threads);
     const auto x = rms_norm(h, final_norm, eps_);
     for (int64_t r0 = 0; r0 < B; r0 += lm_rows) {
@@ -248,7 +249,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
     const float* topp = top.data_ptr<float>();
     bool finite = true;
     for (int64_t b = 0; b < B; ++b) finite = finite && std::isfinite(topp[b]);
-    ph[1] = now();
+    ph[1] = wall_now();
     if (!finite) {
       stopped = logits;
       break;
@@ -257,5 +258,5 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> 
     ids = arg;
   }
   const int64_t ran = stopped.defined() ? k + 1 : k;      // the stopping step ran its layers and LM head too
-  return {k, out.narrow(0, 0, k), stopped, counts.narrow(0, 0, ran), times.narrow(0, 0, ran), phases.narrow(0, 0, ran)};
+  return {out.narrow(0, 0, k), stopped, counts.narrow(0, 0, ran), times.narrow(0, 0, ran), phases.narrow(0, 0, ran)};
 }
