@@ -19,6 +19,7 @@ rows, q/k norms, dense layers, GPUs).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Generator
 
 import torch
@@ -110,6 +111,8 @@ class AttentionForward:
         self.transfer = transfer
         self.in_block = [_fits_block(lw) for lw in weights.layers]     # layers `decode_block` covers
         self._fused = None           # the whole-step decode kernel: None until asked, False where it does not apply
+        # greedy_steps' picks: steps screened (the head read as int8, `exact_rows` of it exactly) or not
+        self.head_picks: Counter = Counter()
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
                   cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -223,9 +226,13 @@ class AttentionForward:
         width = max(map(len, tables))
         table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
         t0 = time.time()
-        out, stopped, counts, times, phases = fused.greedy_steps(
+        screen = self.w.lm_screen or (None, None)
+        out, stopped, counts, times, phases, exact = fused.greedy_steps(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(start_pos, dtype=torch.long), table, steps, self.w.embed,
-            self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, LM_HEAD_ROWS, *threads)
+            self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, *screen, LM_HEAD_ROWS, *threads)
+        for n in exact.tolist():
+            self.head_picks["screened" if n else "whole_head"] += 1
+            self.head_picks["exact_rows"] += n
         for k in range(counts.shape[0]):
             direct.record_decode(step, 0, len(tokens), counts[k], times[k])
         ends = phases.tolist()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from models.checkpoint import CheckpointReader, moe_prefix
-from models.linear import Linear
+from models.linear import Linear, pack_screen
 from models.spec import ModelSpec
 
 
@@ -37,6 +37,7 @@ class AttentionWeights:
     final_norm: torch.Tensor            # [H]
     lm_head: Linear                     # [V, H]
     layers: list[LayerWeights]
+    lm_screen: tuple[torch.Tensor, torch.Tensor] | None = None   # the head's int8 screen (models/linear.py: pack_screen)
 
 
 def load_attention_weights(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype,
@@ -76,5 +77,8 @@ def load_attention_weights(spec: ModelSpec, reader: CheckpointReader, dtype: tor
         ))
     embed = get("model.embed_tokens.weight")
     tied = spec.tie_word_embeddings or not reader.has("lm_head.weight")
-    lm_head = Linear(embed) if tied else linear("lm_head.weight")
-    return AttentionWeights(embed=embed, final_norm=get("model.norm.weight"), lm_head=lm_head, layers=layers)
+    head = embed if tied else get("lm_head.weight")
+    lm_head = Linear(head)
+    screen = pack_screen(head) if lm_head.panels is not None else None
+    return AttentionWeights(embed=embed, final_norm=get("model.norm.weight"), lm_head=lm_head, layers=layers,
+                            lm_screen=screen)

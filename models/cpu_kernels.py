@@ -52,7 +52,7 @@ _lock = threading.Lock()
 _built: dict = {}            # "ext" → the extension module, or None where it is unavailable
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "layer.cpp", "module.cpp")]
+SOURCES = [os.path.join(CSRC, name) for name in ("attention.cpp", "small_ops.cpp", "panels.cpp", "screen.cpp", "layer.cpp", "module.cpp")]
 HEADERS = ("kernels.h", "tiles.h")
 # Vectorised float reductions need reassociation; these allow that and nothing that changes how
 # infinities or NaNs behave (unlike -ffast-math).

@@ -68,6 +68,44 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return hugepages.empty(tuple(src.shape), weight.dtype).copy_(src)     # streamed every step: 2 MB pages
 
 
+SCREEN_CHUNK_ROWS = 8192      # rows quantized at a time (float64 working copies of a chunk only)
+
+
+def pack_screen(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An LM head's int8 screen for the greedy pick (`screened_greedy`, models/csrc/screen.cpp):
+    (q [V/16, H/2, 32] int8 in the bfloat16 panel layout, rows [3, V] float32: per row the scale
+    s_r = max|w_r| / 127, e1_r = max|w_r - q_r s_r| + (H + 16) 2^-23 max|w_r| (its quantization error
+    and twice the head's float32 summation error, per unit of Σ|x|) and a2_r = 0.51 s_r Σ|q_r| (x's
+    int16 quantization error per unit of its scale), computed in float64 and rounded up). A quarter
+    of a float32 head's bytes, half of a bfloat16 one's. None where it does not apply: no kernel
+    (AVX-512 BW), a shape the kernel does not take, a non-finite weight, or SHUTTLE_HEAD_SCREEN=0."""
+    v, h = weight.shape
+    if (weight.device.type != "cpu" or os.environ.get("SHUTTLE_HEAD_SCREEN", "1") == "0" or v % 16 or h % 2
+            or weight.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    from models.cpu_kernels import cpu_kernels
+    ext = cpu_kernels()
+    if ext is None or not ext.has_head_screen():
+        return None
+    q = torch.empty(v, h, dtype=torch.int8)
+    rows = torch.empty(3, v, dtype=torch.float32)
+    up = 1 + 1e-6                                    # float32 rounding of a float64 bound may go down by 2^-24
+    for r0 in range(0, v, SCREEN_CHUNK_ROWS):
+        w = weight[r0:r0 + SCREEN_CHUNK_ROWS].double()
+        if not torch.isfinite(w).all():
+            return None
+        big = w.abs().amax(1)
+        scale = torch.where(big > 0, big / 127, torch.ones_like(big)).float().double()
+        qi = torch.round(w / scale[:, None]).clamp_(-127, 127)
+        err = (w - qi * scale[:, None]).abs().amax(1)
+        q[r0:r0 + len(w)] = qi.to(torch.int8)
+        rows[0, r0:r0 + len(w)] = scale.float()
+        rows[1, r0:r0 + len(w)] = ((err + (h + 16) * 2.0 ** -23 * big) * up).float()
+        rows[2, r0:r0 + len(w)] = (0.51 * scale * qi.abs().sum(1) * up).float()
+    src = q.reshape(v // 16, 16, h // 2, 2).permute(0, 2, 1, 3).reshape(v // 16, h // 2, 32)
+    return hugepages.empty(tuple(src.shape), torch.int8).copy_(src), rows     # streamed every step: 2 MB pages
+
+
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: int = 16):
         self.out_features, self.in_features = weight.shape

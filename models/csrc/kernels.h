@@ -7,6 +7,8 @@
 //    packed into column panels: float32 with AVX-512 (16 columns) or AVX2 FMA (8), bfloat16 with
 //    AVX-512 BF16);
 //    tiles.h holds their register tiles and weight formats;
+//  - screen.cpp: screened_greedy (the greedy pick of a few rows over an int8 copy of the LM head,
+//    with the rows it cannot rule out computed exactly);
 //  - layer.cpp: decode_block (a decode step's attention block of one layer, the calls above in one) and
 //    DecodeLayers (every layer of a decode step, with the expert layer, for a colocated node);
 //  - module.cpp: the Python module.
@@ -73,6 +75,7 @@ bool has_panel_linear();
 int64_t float_panel_cols();
 bool has_bf16_panels();
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels);
+at::Tensor panel_linear_some(const at::Tensor& x, const at::Tensor& panels, const std::vector<int64_t>& ids);
 at::Tensor grouped_panel_linear(at::Tensor x, std::vector<int64_t> counts, std::vector<at::Tensor> panels, bool reverse);
 std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::Tensor weights, std::vector<at::Tensor> up,
                                            std::vector<at::Tensor> down, bool reverse);
@@ -81,6 +84,15 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn(at::Tensor x, at::Tensor local, at::T
 std::tuple<at::Tensor, at::Tensor> moe_ffn_add(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
                                                const std::vector<at::Tensor>& up, const std::vector<at::Tensor>& down,
                                                bool reverse, at::Tensor* residual);
+// screen.cpp
+// The most rows screened_greedy takes, and the most greedy_steps screens with a bfloat16 head: each row
+// adds a screen product while the bytes saved stay V·H (a float32 head saves 3·V·H); at 8 rows the
+// bfloat16 screen measured level with the whole head, at 4 its head time was 0.8×.
+constexpr int64_t kScreenRows = 8;
+constexpr int64_t kScreenRowsBf16 = 4;
+bool has_head_screen();
+std::tuple<at::Tensor, at::Tensor, int64_t> screened_greedy(const at::Tensor& x, const at::Tensor& head,
+                                                            const at::Tensor& q, const at::Tensor& rows, int64_t max_rows);
 // layer.cpp
 std::tuple<at::Tensor, at::Tensor> route_topk(at::Tensor logits, at::Tensor like, int64_t k, bool renormalize);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_block(
@@ -107,10 +119,10 @@ class DecodeLayers {
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor slots,
                                          at::Tensor blocks, at::Tensor lens, bool reverse);
   // Up to `steps` greedy decode steps of B sequences, each step's tokens fed to the next (layer.cpp).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_steps(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_steps(
       at::Tensor tokens, at::Tensor start_pos, at::Tensor tables, int64_t steps, at::Tensor embed, at::Tensor cos_table,
-      at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, int64_t lm_rows, int64_t layer_threads,
-      int64_t head_threads);
+      at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, c10::optional<at::Tensor> screen_q,
+      c10::optional<at::Tensor> screen_rows, int64_t lm_rows, int64_t layer_threads, int64_t head_threads);
 
  private:
   std::vector<at::Tensor> in_norm_, post_norm_, qkv_;

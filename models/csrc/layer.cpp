@@ -187,14 +187,18 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
 // tokens [B] int64: step 0's input; start_pos [B]: its positions; tables [B, nb] int64: block tables
 // that cover every step's position, padded with -1 (checked: a padded entry is never a slot). A step
 // whose logits have a row without a finite maximum stops the loop before its pick (the Python
-// sampler has a rule for those rows).
+// sampler has a rule for those rows). With the head's int8 screen (screen_q, screen_rows: pack_screen
+// in models/linear.py) and at most kScreenRows sequences (kScreenRowsBf16 for a bfloat16 head), each step's pick is screened_greedy's
+// (screen.cpp: the same token, the head read mostly as int8); where the screen cannot decide, the
+// whole head's.
 // Returns (tokens [steps done, B], logits of the step that stopped it ([B, V] float32, else
 // undefined), counts [steps run, L, X], times [steps run, L, 2] as `run`'s, phase ends [steps run, 2]:
-// the layers', then the LM head and pick's, as time.time()); a stopped step ran, but picked nothing.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLayers::greedy_steps(
+// the layers', then the LM head and pick's, as time.time(), head rows computed exactly per step run
+// [steps run] (0: the whole head)); a stopped step ran, but picked nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLayers::greedy_steps(
     at::Tensor tokens, at::Tensor start_pos, at::Tensor tables, int64_t steps, at::Tensor embed, at::Tensor cos_table,
-    at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, int64_t lm_rows, int64_t layer_threads,
-    int64_t head_threads) {
+    at::Tensor sin_table, at::Tensor final_norm, at::Tensor lm_head, c10::optional<at::Tensor> screen_q,
+    c10::optional<at::Tensor> screen_rows, int64_t lm_rows, int64_t layer_threads, int64_t head_threads) {
   const int64_t B = tokens.size(0), L = in_norm_.size(), X = up_[0].size();
   TORCH_CHECK(steps >= 1 && B >= 1 && lm_rows >= 1, "greedy_steps: ", steps, " steps of ", B, " sequences");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && start_pos.scalar_type() == at::kLong && tables.scalar_type() == at::kLong
@@ -211,6 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLay
   auto counts = at::empty({steps, L, X}, lopt);
   auto times = at::empty({steps, L, 2}, at::TensorOptions().dtype(at::kDouble));
   auto phases = at::empty({steps, 2}, at::TensorOptions().dtype(at::kDouble));
+  auto exact_rows = at::zeros({steps}, lopt);
+  int64_t* exact = exact_rows.data_ptr<int64_t>();
   at::Tensor stopped, logits;
   auto ids = tokens.contiguous().clone();
   auto pos = at::empty({B}, lopt), slots = at::empty({B}, lopt), lens = at::empty({B}, lopt);
@@ -238,14 +244,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLay
     ph[0] = wall_now();
     if (head_threads > 0) at::set_num_threads(head_threads);
     const auto x = rms_norm(h, final_norm, eps_);
-    for (int64_t r0 = 0; r0 < B; r0 += lm_rows) {
+    at::Tensor top, arg;
+    if (screen_q.has_value() && B <= (lm_head.scalar_type() == at::kBFloat16 ? kScreenRowsBf16 : kScreenRows)) {
+      auto [t, a, n] = screened_greedy(x, lm_head, *screen_q, *screen_rows, screen_rows->size(1) / 8);
+      exact[k] = n;
+      if (n > 0) {
+        top = t;
+        arg = a;
+      }
+    }
+    for (int64_t r0 = 0; r0 < B && !arg.defined(); r0 += lm_rows) {
       const int64_t n = std::min(lm_rows, B - r0);
       auto part = panel_linear(x.narrow(0, r0, n).contiguous(), lm_head);
       if (!logits.defined())            // [B, vocab] once per call, reused by every step
         logits = at::empty({B, part.size(1)}, at::TensorOptions().dtype(at::kFloat));
       logits.narrow(0, r0, n).copy_(part);            // float32 as is; bfloat16 widened as .float() does
+      if (r0 + n >= B) std::tie(top, arg) = row_max(logits);
     }
-    auto [top, arg] = row_max(logits);
     const float* topp = top.data_ptr<float>();
     bool finite = true;
     for (int64_t b = 0; b < B; ++b) finite = finite && std::isfinite(topp[b]);
@@ -258,5 +273,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> DecodeLay
     ids = arg;
   }
   const int64_t ran = stopped.defined() ? k + 1 : k;      // the stopping step ran its layers and LM head too
-  return {out.narrow(0, 0, k), stopped, counts.narrow(0, 0, ran), times.narrow(0, 0, ran), phases.narrow(0, 0, ran)};
+  return {out.narrow(0, 0, k), stopped, counts.narrow(0, 0, ran), times.narrow(0, 0, ran), phases.narrow(0, 0, ran),
+          exact_rows.narrow(0, 0, ran)};
 }

@@ -132,6 +132,38 @@ at::Tensor grouped_impl(const at::Tensor& x, const std::vector<int64_t>& counts,
   return y;
 }
 
+// Some panels' columns only, each computed by the unit and tile that grouped_impl over every panel
+// computes it with (a pair of panels where M rows make units of two, one panel otherwise; the same x
+// layout), so bit for bit panel_linear's columns: the exact LM head rows of the screened greedy pick.
+template <class F>
+at::Tensor some_impl(const at::Tensor& x, const at::Tensor& panels, const std::vector<int64_t>& ids) {
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), c = F::kCols;
+  const auto weight = panel_pointers<F>({panels}, K, "panel_linear_some");
+  std::vector<typename F::X> packed;
+  const auto xw = F::blocks(reinterpret_cast<const typename F::X*>(x.data_ptr()), K, {M}, {0, M}, packed);
+  auto full = at::empty({M, P * c}, x.options());               // only the units computed are written
+  auto* yp = full.template data_ptr<typename F::Out>();
+  const bool pairs = M > F::kUnitRows;
+  std::vector<int64_t> units;                                    // each unit's first panel, once
+  for (const int64_t p : ids) {
+    TORCH_CHECK(p >= 0 && p < P, "panel_linear_some: panel ", p, " out of range for ", P, " panels");
+    const int64_t j = pairs ? p - p % 2 : p;
+    if (units.empty() || units.back() != j) units.push_back(j);
+  }
+  at::parallel_for(0, units.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      Ahead none;
+      F::unit(xw[0], M, K, weight[0], units[u], pairs && units[u] + 1 < P, yp, P * c, none);
+    }
+  });
+  auto out = at::empty({M, int64_t(ids.size()) * c}, x.options());
+  auto* op = out.template data_ptr<typename F::Out>();
+  for (int64_t m = 0; m < M; ++m)
+    for (size_t i = 0; i < ids.size(); ++i)
+      std::copy(yp + m * P * c + ids[i] * c, yp + m * P * c + (ids[i] + 1) * c, op + (m * int64_t(ids.size()) + i) * c);
+  return out;
+}
+
 // A whole expert layer of one expert rank (see moe_ffn below), on panels of format F.
 template <class F>
 std::tuple<at::Tensor, at::Tensor> moe_ffn_impl(const at::Tensor& x, const at::Tensor& local, const at::Tensor& weights,
@@ -239,6 +271,20 @@ at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
   return grouped_impl<F32>(x, {x.size(0)}, {panels}, false, "panel_linear");
 }
 
+// panel_linear's columns of the panels `ids` (ascending) only: x [M, K] → [M, ids.size() · c], bit for
+// bit the same values (each computed by the same unit and tile).
+at::Tensor panel_linear_some(const at::Tensor& x, const at::Tensor& panels, const std::vector<int64_t>& ids) {
+  TORCH_CHECK(x.dim() == 2, "panel_linear_some: expected x [M, K], got ", x.sizes());
+  TORCH_CHECK(std::is_sorted(ids.begin(), ids.end()) && std::adjacent_find(ids.begin(), ids.end()) == ids.end(),
+              "panel_linear_some: panel ids must ascend");
+  const bool bf16 = bf16_panels(panels, x.size(1), "panel_linear_some");
+  check_rows(x, bf16 ? at::kBFloat16 : at::kFloat, "panel_linear_some");
+#ifdef SHUTTLE_BF16_PANELS
+  if (bf16) return some_impl<BF16>(x, panels, ids);
+#endif
+  return some_impl<F32>(x, panels, ids);
+}
+
 // Every weight at once, each on its own rows: x [M, K], counts [W] summing to M, panels W × one format
 // → [M, N] (row block w of x times weight w). `reverse` takes the weights last to first (the expert
 // rank alternates, to start where the cache is warm).
@@ -304,6 +350,11 @@ bool has_bf16_panels() { return false; }
 
 at::Tensor panel_linear(at::Tensor x, at::Tensor panels) {
   TORCH_CHECK(false, "panel_linear: this build has no AVX2/FMA");
+  return x;
+}
+
+at::Tensor panel_linear_some(const at::Tensor& x, const at::Tensor&, const std::vector<int64_t>&) {
+  TORCH_CHECK(false, "panel_linear_some: this build has no AVX2/FMA");
   return x;
 }
 

