@@ -111,7 +111,8 @@ class AttentionForward:
         self.transfer = transfer
         self.in_block = [_fits_block(lw) for lw in weights.layers]     # layers `decode_block` covers
         self._fused = None           # the whole-step decode kernel: None until asked, False where it does not apply
-        # greedy_steps' picks: steps screened (the head read as int8, `exact_rows` of it exactly) or not
+        # greedy picks (greedy_steps' and greedy_pick's): screened (the head read as int8, `exact_rows`
+        # of it computed exactly) or by the whole head
         self.head_picks: Counter = Counter()
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
@@ -249,6 +250,21 @@ class AttentionForward:
             cos_sin[0], cos_sin[1], self.cache.k[layer], self.cache.v[layer], batch.slots, batch.decode_blocks,
             batch.decode_lens, self.cache.block_size, s.head_dim ** -0.5, lw.o.panels, lw.o.bias, r.panels, r.weight,
             r.bias, s.top_k, s.norm_topk_prob)
+
+    def greedy_pick(self, hidden: torch.Tensor) -> list[int] | None:
+        """The greedy tokens of final hidden rows [N, H] through the LM head's int8 screen
+        (`screened_greedy`, models/csrc/screen.cpp): the tokens the whole head's logits give, the head
+        read mostly as int8. None where it does not apply (no screen, a head with a bias, more rows than
+        the screen takes) or cannot decide (a non-finite row, too many rows left to compute): the
+        caller computes the logits."""
+        lm, screen = self.w.lm_head, self.w.lm_screen
+        kernels = for_tensor(hidden) if screen is not None and lm.bias is None else None
+        if kernels is None or not 0 < hidden.shape[0] <= kernels.head_screen_rows(hidden.dtype == torch.bfloat16):
+            return None
+        _, ids, exact = kernels.screened_greedy(hidden.contiguous(), lm.panels, *screen, screen[1].shape[1] // 8)
+        self.head_picks["screened" if exact else "whole_head"] += 1
+        self.head_picks["exact_rows"] += exact
+        return ids.tolist() if exact else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] float32."""

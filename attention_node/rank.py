@@ -142,12 +142,20 @@ class AttentionRank:
         if self.threads is not None:
             torch.set_num_threads(self.threads[1])
         tokens = []
+        params = [self.params[c.request_id] for c in sampled]
+        picks = None
+        if sampled and not plan.return_logits and all(p.greedy and not p.logprobs for p in params):
+            picks = self.forward.greedy_pick(hidden)       # a few greedy rows: the head's int8 screen
+        if picks is not None:
+            tokens = [SampledToken(c.request_id, t, float("nan"), None) for c, t in zip(sampled, picks)]
+            self.last_sampled.update((c.request_id, t) for c, t in zip(sampled, picks))
+            sampled = []
         # LM head and sampling in row blocks of bounded [rows, V] logits, never one [N, V] tensor (a
         # fresh multi-MB tensor is page-faulted in on every step).
         for start in range(0, len(sampled), LM_HEAD_ROWS):
             chunks = sampled[start:start + LM_HEAD_ROWS]
             logits = self.forward.logits(hidden[start:start + LM_HEAD_ROWS])
-            ids, logprobs = sample(logits, [self.params[c.request_id] for c in chunks], [c.output_index for c in chunks])
+            ids, logprobs = sample(logits, params[start:start + LM_HEAD_ROWS], [c.output_index for c in chunks])
             tokens += [SampledToken(c.request_id, t, lp, logits[i].tolist() if plan.return_logits else None)
                        for i, (c, t, lp) in enumerate(zip(chunks, ids, logprobs))]
             self.last_sampled.update((c.request_id, t) for c, t in zip(chunks, ids))

@@ -37,7 +37,7 @@ def _screened() -> bool:
     return cpu_kernels().has_head_screen()
 
 
-def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison=None):
+def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, params=None, poison=None, screen=True):
     """loop: whether the one-call greedy steps may run (False: every step a pass). poison: "norm" (the
     final norm's weight NaN: every logit NaN) or a token id (its embedding row NaN: the rows fed it,
     and those sequences from then on, get NaN logits)."""
@@ -56,6 +56,8 @@ def _run(model: str, dtype: str, decode_steps: int, monkeypatch, loop: bool, par
                                  vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids)
     placement = Placement.contiguous(spec.num_experts, 1)
     ranks = ColocatedRanks(spec, config, limits, model, "cpu", None, [placement.experts_of(0)])
+    if not screen:
+        ranks.worker.forward.w.lm_screen = None
     if poison == "norm":
         ranks.worker.forward.w.final_norm.fill_(float("nan"))
     elif poison is not None:
@@ -105,7 +107,7 @@ def test_logits_without_a_finite_maximum_take_the_samplers_fallback(tiny_model, 
     got, _, _, loops, picks = _run(model, "float32", 4, monkeypatch, loop=True, poison="norm")
     assert loops and all(call == (0, True) for call in loops), loops     # every call stops at its first step
     assert got == tokens
-    assert picks["screened"] == 0 and picks["whole_head"] == len(loops)   # NaN x: the screen gives up, the head decides
+    assert picks["screened"] == 0 and picks["whole_head"] >= len(loops)   # NaN x: the screen gives up, the head decides
     assert torch.tensor(got).eq(0).all()                   # the fallback's pick for all-NaN logits
 
 
@@ -140,3 +142,18 @@ def test_screened_steps_give_hugging_faces_tokens(tiny_model, monkeypatch, decod
     assert loops and got == ref_tokens
     if _screened():
         assert picks["screened"] > 0, picks
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_passes_pick_through_the_screen_as_through_the_whole_head(tiny_model, monkeypatch, dtype):
+    """The per-step passes (every deployment, not only a colocated node's one-call steps) pick a few
+    greedy rows through the head's int8 screen (`AttentionForward.greedy_pick`): the tokens of the
+    whole head's logits and the sampler."""
+    _kernels_or_skip(dtype)
+    if not _screened():
+        pytest.skip("no LM head screen on this CPU")
+    model = tiny_model("mixtral", **MODEL)
+    whole, _, _, _, none = _run(model, dtype, 1, monkeypatch, loop=False, screen=False)
+    got, _, _, _, picks = _run(model, dtype, 1, monkeypatch, loop=False)
+    assert got == whole
+    assert none["screened"] == 0 and picks["screened"] > picks["whole_head"], picks
