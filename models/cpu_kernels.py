@@ -26,11 +26,15 @@ Places where torch's own CPU ops measured far from what the machine can do:
   `DecodeLayers` runs every layer of a decode step, the expert layer included, in one call where a
   colocated node's attention rank and its one expert rank share the process, and its `greedy_steps`
   a rank call's decode steps of greedy requests (layers, LM head, pick, next inputs) in one call.
+- The LM head at a few greedy rows: a third of a batch-1 decode step's bytes, of which a greedy
+  request keeps one index. `screened_greedy` reads an int8 copy of the head with a proven bound per
+  row and computes only the rows it cannot rule out from the real head (the head's own tiles, so
+  the same token, bit for bit).
 
 Measurements of each against torch: docs/performance.md.
 
 No library we can depend on offers these for the CPU (vLLM's and IPEX's CPU kernels are pinned to
-their own torch builds), so they are ~1100 lines of C++ built by `torch.utils.cpp_extension`, which
+their own torch builds), so they are ~2000 lines of C++ built by `torch.utils.cpp_extension`, which
 rebuilds only when the source changes; an flock (below) serialises ranks that start together. Threads come from
 torch's own pool (`at::parallel_for`), so `torch.set_num_threads` governs them as it does every op.
 
