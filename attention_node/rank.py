@@ -29,10 +29,10 @@ from transfer.base import AttentionEndpoint
 SMALL_STEP_TOKENS = 128
 # Prefill chunks whose context is at most this many tokens are attended row by row by the CPU
 # decode kernel (each row a decode token whose context ends at itself), and their layers then run as
-# one decode_block call: 64 prompts of 32 tokens prefilled 11% faster, one of 256 tokens 5%; at 384
-# the two are level, at 512 the matrix products (in blocks of 128 queries) win by 2% in float32 and
-# 10% in bfloat16 (docs/performance.md).
-ROW_PREFILL_CONTEXT = 384
+# one decode_block call. Longer ones go to the prefill kernel (`prefill_attention`). One prompt,
+# float32: at 128 tokens rows 53.6 ms against the kernel's 67.6, at 192 level (85.5 / 84.6), at 256
+# the kernel 4% faster, at 384 8% (docs/performance.md); 16 prompts of 32 tokens: rows 13% faster.
+ROW_PREFILL_CONTEXT = 192
 
 
 class AttentionRank:

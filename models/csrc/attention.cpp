@@ -302,3 +302,182 @@ void kv_write(at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tens
     kv_write_impl(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), sp, k.data_ptr<c10::BFloat16>(),
                   v.data_ptr<c10::BFloat16>(), T_, g, S, d, k.stride(0), k.stride(1), v.stride(0), v.stride(1));
 }
+
+// ---- prefill_attention ----------------------------------------------------------------------------
+// A prefill chunk's causal attention in one pass over its keys (flash-style): per KV head and block of
+// queries, 16 keys at a time, the scores of the block's rows (query, head) in registers, an online
+// softmax (running max and sum), and the values added in with the row's weights; nothing [rows, C]
+// is written. The torch path (matrix products through MKL in blocks of 128 queries, the scores
+// written out, scaled, masked and softmaxed by separate ops) ran at ~86 GFLOP/s of the products it
+// computed (docs/performance.md).
+namespace {
+
+#ifdef __AVX512F__
+// Four rows (query, head) of one KV head against keys [0, max(last) + 1) of its context, 64 keys at a
+// time: kt [d, Cp] (K transposed, float32, Cp a multiple of 64, zero past the context), v [C, d]
+// float32, q [4, d] float32 pre-scaled; row i sees keys up to last[i]. Each k step loads four K
+// registers and broadcasts four query values for 16 products; each key's V row is loaded once for the
+// four rows. o [4, d]: the rows' outputs (divided by their sums).
+template <int NC>
+void prefill_quad(const float* q, int64_t d, const float* kt, int64_t Cp, const float* v, const int64_t* last, float* o) {
+  const int64_t upto = *std::max_element(last, last + 4) + 1;
+  float m[4];                            // each row's running max, and its running sums (16 lanes)
+  __m512 l[4];
+  alignas(64) float p[4][64];
+  for (int i = 0; i < 4; ++i) {
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = _mm512_setzero_ps();
+  }
+  std::fill(o, o + 4 * d, 0.f);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c0 = 0; c0 < upto; c0 += 64) {
+    __m512 s[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) s[i][j] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+      __m512 kr[4];
+      for (int j = 0; j < 4; ++j) kr[j] = _mm512_loadu_ps(kt + e * Cp + c0 + 16 * j);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 b = _mm512_set1_ps(q[i * d + e]);
+        for (int j = 0; j < 4; ++j) s[i][j] = _mm512_fmadd_ps(b, kr[j], s[i][j]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      // keys past the row's last visible one (and the padding past the context) count as -inf; the
+      // max is finite from the first tile on (key 0 is seen by every row)
+      __m512 mv = minus_inf;
+      for (int j = 0; j < 4; ++j) {
+        const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(int32_t(c0 + 16 * j)), lane);
+        s[i][j] = _mm512_mask_blend_ps(_mm512_cmple_epi32_mask(key, _mm512_set1_epi32(int32_t(last[i]))), minus_inf, s[i][j]);
+        mv = _mm512_max_ps(mv, s[i][j]);
+      }
+      const float mx = _mm512_reduce_max_ps(mv);
+      if (mx > m[i]) {                   // a new max: the sums so far rescaled (nothing to rescale at first)
+        const float corr = c0 == 0 ? 0.f : std::exp(m[i] - mx);
+        l[i] = _mm512_mul_ps(l[i], _mm512_set1_ps(corr));
+        for (int64_t e = 0; e < d; e += 16)
+          _mm512_storeu_ps(o + i * d + e, _mm512_mul_ps(_mm512_loadu_ps(o + i * d + e), _mm512_set1_ps(corr)));
+        m[i] = mx;
+      }
+      // e^(x − max), held above −200 (exp16 of −inf is NaN; e^−200 is 0 in float32): 0 where masked
+      const __m512 mi = _mm512_set1_ps(m[i]), floor = _mm512_set1_ps(-200.f);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 pj = exp16(_mm512_max_ps(_mm512_sub_ps(s[i][j], mi), floor));
+        l[i] = _mm512_add_ps(l[i], pj);
+        _mm512_store_ps(p[i] + 16 * j, pj);
+      }
+    }
+    // o[i] += Σ_j p[i][j] · v[c0 + j]
+    const int64_t nk = std::min<int64_t>(64, upto - c0);
+    for (int64_t e0 = 0; e0 < d; e0 += 16 * NC) {
+      __m512 acc[4][NC];
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_loadu_ps(o + i * d + e0 + 16 * c);
+      for (int64_t j = 0; j < nk; ++j) {
+        __m512 vr[NC];
+        for (int c = 0; c < NC; ++c) vr[c] = _mm512_loadu_ps(v + (c0 + j) * d + e0 + 16 * c);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 w = _mm512_set1_ps(p[i][j]);
+          for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_fmadd_ps(w, vr[c], acc[i][c]);
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + i * d + e0 + 16 * c, acc[i][c]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const float inv = 1.f / _mm512_reduce_add_ps(l[i]);
+    for (int64_t e = 0; e < d; ++e) o[i * d + e] *= inv;
+  }
+}
+
+template <typename T>
+void prefill_impl(const T* qp, const T* kp, const T* vp, int64_t n, int64_t h, int64_t g, int64_t C, int64_t d,
+                  float scale, T* op) {
+  const int64_t r = h / g, Cp = (C + 63) / 64 * 64;
+  // K transposed [g, d, Cp] and V [g, C, d] in float32, once per call
+  std::vector<float> kt(g * d * Cp, 0.f), vf;
+  at::parallel_for(0, g, 1, [&](int64_t b, int64_t e) {
+    for (int64_t hk = b; hk < e; ++hk)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t x = 0; x < d; ++x) kt[(hk * d + x) * Cp + c] = static_cast<float>(kp[(hk * C + c) * d + x]);
+  });
+  const float* vv = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    vv = vp;
+  } else {
+    vf.resize(g * C * d);
+    for (int64_t i = 0; i < g * C * d; ++i) vf[i] = static_cast<float>(vp[i]);
+    vv = vf.data();
+  }
+  const int NC = d % 64 == 0 ? 4 : d % 32 == 0 ? 2 : 1;
+  // A KV head's rows (query, head) in query order, four at a time; a task is a pair of quads, an
+  // early one and a late one, so that every task has about as many keys to go through.
+  const int64_t quads = (n * r + 3) / 4, pairs = (quads + 1) / 2;
+  at::parallel_for(0, g * pairs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(4 * d), o(4 * d);
+    int64_t last[4], row[4];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t / pairs, pr = t % pairs;
+      const int64_t which[2] = {pr, quads - 1 - pr};
+      for (int w = 0; w < (which[1] == which[0] ? 1 : 2); ++w) {   // (an odd count's middle quad: once)
+        for (int i = 0; i < 4; ++i) {
+          row[i] = std::min(which[w] * 4 + i, n * r - 1);           // a short last quad repeats its last row
+          const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
+          last[i] = C - n + qi;
+          for (int64_t x = 0; x < d; ++x) q[i * d + x] = static_cast<float>(qp[(qi * h + head) * d + x]) * scale;
+        }
+        const float* vh = vv + hk * C * d;
+        const float* kh = kt.data() + hk * d * Cp;
+        if (NC == 4) prefill_quad<4>(q.data(), d, kh, Cp, vh, last, o.data());
+        else if (NC == 2) prefill_quad<2>(q.data(), d, kh, Cp, vh, last, o.data());
+        else prefill_quad<1>(q.data(), d, kh, Cp, vh, last, o.data());
+        for (int i = 0; i < 4; ++i) {
+          if (i > 0 && row[i] == row[i - 1]) break;
+          const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
+          for (int64_t x = 0; x < d; ++x) op[(qi * h + head) * d + x] = T(o[i * d + x]);
+        }
+      }
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+bool has_prefill_attention() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+// q [n, h, d]: a prefill chunk's queries, the last n positions of its context; k, v [g, C, d]: the
+// context (C ≥ n); → [n, h, d] = softmax(q·Kᵀ·scale + causal mask) · V, query i seeing keys up to
+// C − n + i. float32 or bfloat16 (all three alike); sums, softmax and the output's accumulation in
+// float32. Heads h = g · r, query head j of KV head j / r (as torch's grouped-query layout).
+at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && v.sizes() == k.sizes(),
+              "prefill_attention: expected q [n, h, d] and k, v [g, C, d]");
+  const int64_t n = q.size(0), h = q.size(1), d = q.size(2), g = k.size(0), C = k.size(1);
+  TORCH_CHECK(k.size(2) == d && g > 0 && h % g == 0 && C >= n && n > 0 && d % 16 == 0,
+              "prefill_attention: shapes q ", q.sizes(), ", k ", k.sizes(), " (need h a multiple of g, C ≥ n, d a multiple of 16)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "prefill_attention: float32 or bfloat16, the same for q, k and v");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "prefill_attention: contiguous tensors only");
+  auto out = at::empty(q.sizes(), q.options());
+#ifdef __AVX512F__
+  if (dt == at::kFloat)
+    prefill_impl<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), n, h, g, C, d, float(scale),
+                        out.data_ptr<float>());
+  else
+    prefill_impl<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), n, h,
+                                g, C, d, float(scale), out.data_ptr<c10::BFloat16>());
+#else
+  TORCH_CHECK(false, "prefill_attention: this build has no AVX-512");
+#endif
+  return out;
+}

@@ -1,7 +1,8 @@
 // Shuttle's CPU kernels (float32 and bfloat16): what each source file defines, and the headers they
 // share. Built on first use by torch.utils.cpp_extension (models/cpu_kernels.py, which says why each
 // kernel exists; docs/performance.md has what each measured):
-//  - attention.cpp: paged_decode (decode attention straight from the paged KV cache) and kv_write;
+//  - attention.cpp: paged_decode (decode attention straight from the paged KV cache), kv_write and
+//    prefill_attention (a prefill chunk's causal attention in one pass over its keys);
 //  - small_ops.cpp: rms_norm, rotary, row_max (per-layer ops too small for torch's dispatch);
 //  - panels.cpp: panel_linear, grouped_panel_linear and moe_ffn (few-row matrix products on weights
 //    packed into column panels: float32 with AVX-512 (16 columns) or AVX2 FMA (8), bfloat16 with
@@ -66,6 +67,8 @@ inline __m512 exp16(__m512 x) {
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor blocks, at::Tensor lens,
                         int64_t block_size, double scale);
 void kv_write(at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tensor k, at::Tensor v);
+bool has_prefill_attention();
+at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale);
 // small_ops.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 at::Tensor rotary(at::Tensor x, at::Tensor cos, at::Tensor sin);

@@ -19,6 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_screen_rows", [](bool bf16) { return bf16 ? kScreenRowsBf16 : kScreenRows; },
         "the most rows a greedy pick is screened at, for a float32 or a bfloat16 head");
   m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
+  m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal grouped-query attention, flash-style "
+        "(CPU, float32 or bfloat16)");
+  m.def("has_prefill_attention", &has_prefill_attention, "whether prefill_attention was built (AVX-512)");
   m.def("kv_write", &kv_write, "write new K and V rows into a paged cache layer (CPU, float32 or bfloat16)");
   m.def("route_topk", &route_topk, "softmax top-k routing (float32 softmax, k largest, renormalized if asked) in one "
         "loop: (ids int64, weights in like's dtype) (CPU)");
