@@ -9,7 +9,9 @@ Places where torch's own CPU ops measured far from what the machine can do:
   caches; sums in float32; with AVX-512 each row as d/16 registers, four queries' scores reduced
   together, a head's scores, softmax and values back to back). Short prefill chunks go through it
   too, each row a decode token whose context ends at itself (attention_node/rank.py says when).
-  `kv_write` puts a step's new K and V rows into the cache.
+  `kv_write` puts a step's new K and V rows into the cache. `prefill_attention` does a longer
+  prefill chunk's causal attention in one pass over its keys (online softmax; no [rows, C] scores
+  written), where torch's matrix products wrote, scaled, masked and softmaxed the scores by separate ops.
 - Few-row matrix products (decode and chunked prefill: 1-256 rows per expert), where oneDNN's
   prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a float32
   weight in 16-column panels (one AVX-512 register; 8 columns where the CPU has only AVX2): few
