@@ -73,10 +73,11 @@ SCREEN_CHUNK_ROWS = 8192      # rows quantized at a time (float64 working copies
 
 def pack_screen(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """An LM head's int8 screen for the greedy pick (`screened_greedy`, models/csrc/screen.cpp):
-    (q [V/16, H/2, 32] int8 in the bfloat16 panel layout, rows [3, V] float32: per row the scale
+    (q [V/16, H/2, 32] int8 in the bfloat16 panel layout, rows [4, V] float32: per row the scale
     s_r = max|w_r| / 127, e1_r = max|w_r - q_r s_r| + (H + 16) 2^-23 max|w_r| (its quantization error
-    and twice the head's float32 summation error, per unit of Σ|x|) and a2_r = 0.51 s_r Σ|q_r| (x's
-    int16 quantization error per unit of its scale), computed in float64 and rounded up). A quarter
+    and twice the head's float32 summation error, per unit of Σ|x|; bfloat16 also 2^-126, the
+    denormal weights its dot product reads as 0), a2_r = 0.51 s_r Σ|q_r| (x's int16 quantization
+    error per unit of its scale) and max|w_r| (the overflow check), in float64, rounded up). A quarter
     of a float32 head's bytes, half of a bfloat16 one's. None where it does not apply: no kernel
     (AVX-512 BW), a shape the kernel does not take, a non-finite weight, or SHUTTLE_HEAD_SCREEN=0."""
     v, h = weight.shape
@@ -88,7 +89,8 @@ def pack_screen(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     if ext is None or not ext.has_head_screen():
         return None
     q = torch.empty(v, h, dtype=torch.int8)
-    rows = torch.empty(3, v, dtype=torch.float32)
+    rows = torch.empty(4, v, dtype=torch.float32)
+    flushed = 2.0 ** -126 if weight.dtype == torch.bfloat16 else 0.0    # vdpbf16ps reads denormal weights as 0
     up = 1 + 1e-6                                    # float32 rounding of a float64 bound may go down by 2^-24
     for r0 in range(0, v, SCREEN_CHUNK_ROWS):
         w = weight[r0:r0 + SCREEN_CHUNK_ROWS].double()
@@ -100,8 +102,9 @@ def pack_screen(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
         err = (w - qi * scale[:, None]).abs().amax(1)
         q[r0:r0 + len(w)] = qi.to(torch.int8)
         rows[0, r0:r0 + len(w)] = scale.float()
-        rows[1, r0:r0 + len(w)] = ((err + (h + 16) * 2.0 ** -23 * big) * up).float()
+        rows[1, r0:r0 + len(w)] = ((err + (h + 16) * 2.0 ** -23 * big + flushed) * up).float()
         rows[2, r0:r0 + len(w)] = (0.51 * scale * qi.abs().sum(1) * up).float()
+        rows[3, r0:r0 + len(w)] = (big * up).float()
     src = q.reshape(v // 16, 16, h // 2, 2).permute(0, 2, 1, 3).reshape(v // 16, h // 2, 32)
     return hugepages.empty(tuple(src.shape), torch.int8).copy_(src), rows     # streamed every step: 2 MB pages
 

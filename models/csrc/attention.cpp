@@ -396,51 +396,55 @@ template <typename T>
 void prefill_impl(const T* qp, const T* kp, const T* vp, int64_t n, int64_t h, int64_t g, int64_t C, int64_t d,
                   float scale, T* op) {
   const int64_t r = h / g, Cp = (C + 63) / 64 * 64;
-  // K transposed [g, d, Cp] and V [g, C, d] in float32, once per call
-  std::vector<float> kt(g * d * Cp, 0.f), vf;
-  at::parallel_for(0, g, 1, [&](int64_t b, int64_t e) {
-    for (int64_t hk = b; hk < e; ++hk)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t x = 0; x < d; ++x) kt[(hk * d + x) * Cp + c] = static_cast<float>(kp[(hk * C + c) * d + x]);
-  });
-  const float* vv = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    vv = vp;
-  } else {
-    vf.resize(g * C * d);
-    for (int64_t i = 0; i < g * C * d; ++i) vf[i] = static_cast<float>(vp[i]);
-    vv = vf.data();
-  }
   const int NC = d % 64 == 0 ? 4 : d % 32 == 0 ? 2 : 1;
-  // A KV head's rows (query, head) in query order, four at a time; a task is a pair of quads, an
-  // early one and a late one, so that every task has about as many keys to go through.
+  // One KV head at a time, so that its K transposed [d, Cp] and V [C, d] in float32 are all the
+  // memory a call adds (at 128k tokens of context and d 128: 64 MB, bfloat16 V as much again).
+  std::vector<float> kt(d * Cp), vf(std::is_same_v<T, float> ? 0 : C * d);
+  // A head's rows (query, head) in query order, four at a time; a task is a pair of quads, an early
+  // one and a late one, so that every task has about as many keys to go through.
   const int64_t quads = (n * r + 3) / 4, pairs = (quads + 1) / 2;
-  at::parallel_for(0, g * pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(4 * d), o(4 * d);
-    int64_t last[4], row[4];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t hk = t / pairs, pr = t % pairs;
-      const int64_t which[2] = {pr, quads - 1 - pr};
-      for (int w = 0; w < (which[1] == which[0] ? 1 : 2); ++w) {   // (an odd count's middle quad: once)
-        for (int i = 0; i < 4; ++i) {
-          row[i] = std::min(which[w] * 4 + i, n * r - 1);           // a short last quad repeats its last row
-          const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
-          last[i] = C - n + qi;
-          for (int64_t x = 0; x < d; ++x) q[i * d + x] = static_cast<float>(qp[(qi * h + head) * d + x]) * scale;
-        }
-        const float* vh = vv + hk * C * d;
-        const float* kh = kt.data() + hk * d * Cp;
-        if (NC == 4) prefill_quad<4>(q.data(), d, kh, Cp, vh, last, o.data());
-        else if (NC == 2) prefill_quad<2>(q.data(), d, kh, Cp, vh, last, o.data());
-        else prefill_quad<1>(q.data(), d, kh, Cp, vh, last, o.data());
-        for (int i = 0; i < 4; ++i) {
-          if (i > 0 && row[i] == row[i - 1]) break;
-          const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
-          for (int64_t x = 0; x < d; ++x) op[(qi * h + head) * d + x] = T(o[i * d + x]);
+  for (int64_t hk = 0; hk < g; ++hk) {
+    const T* kh = kp + hk * C * d;
+    at::parallel_for(0, d, 1, [&](int64_t b, int64_t e) {
+      for (int64_t x = b; x < e; ++x) {
+        float* row = kt.data() + x * Cp;
+        for (int64_t c = 0; c < C; ++c) row[c] = static_cast<float>(kh[c * d + x]);
+        std::fill(row + C, row + Cp, 0.f);                    // padding keys: masked, but never garbage
+      }
+    });
+    const float* vh;
+    if constexpr (std::is_same_v<T, float>) {
+      vh = vp + hk * C * d;
+    } else {
+      at::parallel_for(0, C, 256, [&](int64_t b, int64_t e) {
+        for (int64_t i = b * d; i < e * d; ++i) vf[i] = static_cast<float>(vp[hk * C * d + i]);
+      });
+      vh = vf.data();
+    }
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> q(4 * d), o(4 * d);
+      int64_t last[4], row[4];
+      for (int64_t pr = begin; pr < end; ++pr) {
+        const int64_t which[2] = {pr, quads - 1 - pr};
+        for (int w = 0; w < (which[1] == which[0] ? 1 : 2); ++w) {   // (an odd count's middle quad: once)
+          for (int i = 0; i < 4; ++i) {
+            row[i] = std::min(which[w] * 4 + i, n * r - 1);           // a short last quad repeats its last row
+            const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
+            last[i] = C - n + qi;
+            for (int64_t x = 0; x < d; ++x) q[i * d + x] = static_cast<float>(qp[(qi * h + head) * d + x]) * scale;
+          }
+          if (NC == 4) prefill_quad<4>(q.data(), d, kt.data(), Cp, vh, last, o.data());
+          else if (NC == 2) prefill_quad<2>(q.data(), d, kt.data(), Cp, vh, last, o.data());
+          else prefill_quad<1>(q.data(), d, kt.data(), Cp, vh, last, o.data());
+          for (int i = 0; i < 4; ++i) {
+            if (i > 0 && row[i] == row[i - 1]) break;
+            const int64_t qi = row[i] / r, head = hk * r + row[i] % r;
+            for (int64_t x = 0; x < d; ++x) op[(qi * h + head) * d + x] = T(o[i * d + x]);
+          }
         }
       }
-    }
-  });
+    });
+  }
 }
 #endif
 

@@ -55,6 +55,14 @@ bool bf16_panels(const at::Tensor& panels, int64_t K, const char* what) {
   return bf16;
 }
 
+// One unit of F's tiles, out of line: run_units and some_impl both call this copy, so the columns
+// some_impl recomputes come from the same machine code as the whole product's, bit for bit.
+template <class F, typename Y>
+__attribute__((noinline)) void run_unit(const typename F::X* x, int64_t M, int64_t K, const typename F::W* panels,
+                                        int64_t j, bool pair, Y* y, int64_t ldy, Ahead& ahead) {
+  F::unit(x, M, K, panels, j, pair, y, ldy, ahead);
+}
+
 // Row block w of x (counts[w] rows, blocks in order) times weight w (panels at weight[w], P of them):
 // y [M, P·cols]. One parallel region for all the weights, split so that each thread gets an equal
 // share of the estimated time: a unit (a panel or a pair) costs its weight stream plus its rows.
@@ -100,7 +108,7 @@ void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<
         ahead.p = reinterpret_cast<const char*>(weight[m.weight] + m.j * K * F::kCols);
         ahead.left = (m.pair ? 2 : 1) * K * F::kCols * int64_t(sizeof(typename F::W)) / 64;
       }
-      F::unit(xw[n.weight], counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy, ldy, ahead);
+      run_unit<F>(xw[n.weight], counts[n.weight], K, weight[n.weight], n.j, n.pair, yp + first[n.weight] * ldy, ldy, ahead);
     }
   });
 }
@@ -153,7 +161,7 @@ at::Tensor some_impl(const at::Tensor& x, const at::Tensor& panels, const std::v
   at::parallel_for(0, units.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
       Ahead none;
-      F::unit(xw[0], M, K, weight[0], units[u], pairs && units[u] + 1 < P, yp, P * c, none);
+      run_unit<F>(xw[0], M, K, weight[0], units[u], pairs && units[u] + 1 < P, yp, P * c, none);
     }
   });
   auto out = at::empty({M, int64_t(ids.size()) * c}, x.options());

@@ -9,9 +9,11 @@
 //    (vpdpwssd); the screened logit is that sum × s_x × s_r;
 //  - |head logit − screened logit| ≤ e1_r · Σ|x| + a2_r · s_x, where e1_r holds row r's largest
 //    quantization error and the head's float32 accumulation error per unit of Σ|x| (γ_H · max|w_r|,
-//    doubled), and a2_r = 0.51 · s_r · Σ|q_r| x's quantization error per unit of s_x (pack_screen in
+//    doubled; bfloat16 heads also 2^-126, weights the dot-product instruction flushes to zero), and
+//    a2_r = 0.51 · s_r · Σ|q_r| x's quantization error per unit of s_x (pack_screen in
 //    models/linear.py computes both in float64, rounded up); a relative 2^-20 of the screened logit
-//    covers its own float rounding.
+//    covers its own float rounding, an absolute H · 2^-125 · max(1, max|w|) the products the head
+//    flushes; a head that could overflow (max|w| · Σ|x| near float32's limit) is not screened.
 // A row whose upper bound is below the largest lower bound of any row cannot be the largest logit,
 // nor tie with it: rounded as the head rounds its output (bfloat16 heads round each logit to
 // bfloat16, a monotone rounding), `round(upper_r) < round(max lower)` proves head_r < head_max. The
@@ -56,7 +58,7 @@ __attribute__((always_inline)) inline void screen_panels(const int8_t* __restric
 // Pass 1 over every panel: the upper and lower bounds of each (row of x, head row), [NB, V] each.
 template <int NB>
 void screen_all(const int8_t* q, const float* rows, int64_t V, int64_t H, const int32_t* xpairs, const double* sx,
-                const double* S, float* hi, float* lo) {
+                const double* S, float slack, float* hi, float* lo) {
   constexpr int G = NB == 1 ? 4 : NB <= 4 ? 2 : 1;
   const int64_t P = V / 16, H2 = H / 2;
   const float* scale = rows;
@@ -83,7 +85,7 @@ void screen_all(const int8_t* q, const float* rows, int64_t V, int64_t H, const 
           __m512 bound = _mm512_fmadd_ps(ev, _mm512_set1_ps(float(S[b])), _mm512_mul_ps(av, _mm512_set1_ps(float(sx[b]))));
           bound = _mm512_mul_ps(bound, _mm512_set1_ps(1.f + 1.f / 256));
           bound = _mm512_fmadd_ps(_mm512_abs_ps(a), _mm512_set1_ps(1.f / (1 << 20)), bound);
-          bound = _mm512_add_ps(bound, _mm512_set1_ps(1e-30f));
+          bound = _mm512_add_ps(bound, _mm512_set1_ps(slack));
           _mm512_storeu_ps(hi + b * V + r0, _mm512_add_ps(a, bound));
           _mm512_storeu_ps(lo + b * V + r0, _mm512_sub_ps(a, bound));
         }
@@ -107,14 +109,16 @@ bool has_head_screen() { return true; }
 
 std::tuple<at::Tensor, at::Tensor, int64_t> screened_greedy(const at::Tensor& x, const at::Tensor& head,
                                                             const at::Tensor& q, const at::Tensor& rows, int64_t max_rows) {
-  const int64_t B = x.size(0), H = x.size(1), V = rows.size(1);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "screened_greedy: expected a contiguous float32 or bfloat16 x [B, H]");
+  TORCH_CHECK(head.scalar_type() == x.scalar_type(), "screened_greedy: x is ", x.scalar_type(), ", the head ",
+              head.scalar_type());
+  const int64_t B = x.size(0), H = x.size(1), V = rows.size(1);
   TORCH_CHECK(B >= 1 && B <= kScreenRows, "screened_greedy: ", B, " rows (at most ", kScreenRows, ")");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 3 && q.size(0) * 16 == V && q.size(1) * 2 == H && q.size(2) == 32 &&
               q.is_contiguous(), "screened_greedy: expected int8 screen panels [V/16, H/2, 32], got ", q.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 2 && rows.size(0) == 3 && rows.is_contiguous(),
-              "screened_greedy: expected float32 row constants [3, V]");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 2 && rows.size(0) == 4 && rows.is_contiguous(),
+              "screened_greedy: expected float32 row constants [4, V]");
   const int64_t c = head.scalar_type() == at::kBFloat16 ? 16 : head.size(2);
   TORCH_CHECK(head.size(0) * c == V, "screened_greedy: the head has ", head.size(0) * c, " rows, the screen ", V);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -143,18 +147,27 @@ std::tuple<at::Tensor, at::Tensor, int64_t> screened_greedy(const at::Tensor& x,
       pairs[b * H / 2 + i] = int32_t((uint32_t(uint16_t(int16_t(hi))) << 16) | uint32_t(uint16_t(int16_t(lo))));
     }
   }
+  // The head itself must not overflow on any row (its sums stay below max|w| · Σ|x|), else its pick
+  // follows the rules for non-finite logits: the whole head decides.
+  const float* wmax = rows.data_ptr<float>() + 3 * V;
+  const double big = *std::max_element(wmax, wmax + V);
+  for (int64_t b = 0; b < B; ++b)
+    if (!(big * S[b] * (1 + 1e-6) < 1e37)) return none;
+  // Absolute slack: products and (bfloat16) inputs below 2^-126 that the head's instructions flush to
+  // zero, at most H · 2^-126 · max(1, max|w|), and the screen's own underflow.
+  const float slack = float(1e-30 + double(H) * std::ldexp(1.0, -125) * std::max(1.0, big));
   std::vector<float> hi(B * V), lo(B * V);
   const auto* qp = q.data_ptr<int8_t>();
   const float* rp = rows.data_ptr<float>();
   switch (B) {
-    case 1: screen_all<1>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 2: screen_all<2>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 3: screen_all<3>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 4: screen_all<4>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 5: screen_all<5>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 6: screen_all<6>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    case 7: screen_all<7>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data()); break;
-    default: screen_all<8>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), hi.data(), lo.data());
+    case 1: screen_all<1>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 2: screen_all<2>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 3: screen_all<3>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 4: screen_all<4>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 5: screen_all<5>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 6: screen_all<6>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    case 7: screen_all<7>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data()); break;
+    default: screen_all<8>(qp, rp, V, H, pairs.data(), sx.data(), S.data(), slack, hi.data(), lo.data());
   }
   // Pass 2: the head panels holding a row that may be the largest (or tie with it) for some x row.
   std::vector<char> keep(V / c, 0);

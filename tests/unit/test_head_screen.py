@@ -113,3 +113,26 @@ def test_no_screen_for_what_the_kernel_does_not_take(monkeypatch):
     assert pack_screen(bad) is None
     monkeypatch.setenv("SHUTTLE_HEAD_SCREEN", "0")
     assert pack_screen(torch.randn(1024, 64)) is None
+
+
+def test_extreme_heads_are_left_to_the_whole_head():
+    """Where the head itself could overflow, or (bfloat16) reads denormal weights as zero, the screen's
+    pick must still be the whole head's, or it must give up (a second reader's counterexamples)."""
+    ext = _kernels(torch.float32)
+    w = torch.zeros(32, 2)
+    w[:16] = torch.tensor([1e6, 0.0])
+    w[16:] = torch.tensor([1e10, 1e10])
+    x = torch.tensor([[1e29, -1e29]])
+    _, _, exact = ext.screened_greedy(x, pack_panels(w), *pack_screen(w), 32)
+    assert exact == 0                          # the head's own sums overflow: its NaN/inf rules decide
+    if not ext.has_bf16_panels():
+        return
+    tiny = 2.0 ** -126
+    w = torch.zeros(32, 2)
+    w[:16] = torch.tensor([1.5 * tiny, -(1 + 65 / 128) * tiny])
+    w[16:] = torch.tensor([-tiny / 2, -tiny / 2])
+    w, x = w.to(torch.bfloat16), torch.tensor([[2.0 ** 80, 2.0 ** 80]]).to(torch.bfloat16)
+    panels = pack_panels(w)
+    _, arg = _whole(ext, x, panels)
+    _, got, exact = ext.screened_greedy(x, panels, *pack_screen(w), 32)
+    assert exact == 0 or got.tolist() == arg.tolist()
