@@ -231,9 +231,7 @@ class AttentionForward:
         out, stopped, counts, times, phases, exact = fused.greedy_steps(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(start_pos, dtype=torch.long), table, steps, self.w.embed,
             self.rotary.cos, self.rotary.sin, self.w.final_norm, lm.panels, *screen, LM_HEAD_ROWS, *threads)
-        for n in exact.tolist():
-            self.head_picks["screened" if n else "whole_head"] += 1
-            self.head_picks["exact_rows"] += n
+        self._count_picks(exact.tolist())
         for k in range(counts.shape[0]):
             direct.record_decode(step, 0, len(tokens), counts[k], times[k])
         ends = phases.tolist()
@@ -262,9 +260,14 @@ class AttentionForward:
         if kernels is None or not 0 < hidden.shape[0] <= kernels.head_screen_rows(hidden.dtype == torch.bfloat16):
             return None
         _, ids, exact = kernels.screened_greedy(hidden.contiguous(), lm.panels, *screen, screen[1].shape[1] // 8)
-        self.head_picks["screened" if exact else "whole_head"] += 1
-        self.head_picks["exact_rows"] += exact
+        self._count_picks([exact])
         return ids.tolist() if exact else None
+
+    def _count_picks(self, exact_rows: list[int]) -> None:
+        """Per greedy pick, the head rows computed exactly (0: the screen gave up, the whole head ran)."""
+        for n in exact_rows:
+            self.head_picks["screened" if n else "whole_head"] += 1
+            self.head_picks["exact_rows"] += n
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] → logits [N, V] float32."""

@@ -304,10 +304,10 @@ void kv_write(at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots, at::Tens
 }
 
 // ---- prefill_attention ----------------------------------------------------------------------------
-// A prefill chunk's causal attention in one pass over its keys (flash-style): per KV head and block of
-// queries, 16 keys at a time, the scores of the block's rows (query, head) in registers, an online
-// softmax (running max and sum), and the values added in with the row's weights; nothing [rows, C]
-// is written. The torch path (matrix products through MKL in blocks of 128 queries, the scores
+// A prefill chunk's causal attention in one pass over its keys (flash-style): per KV head, four rows
+// (query, head) at a time against 64 keys at a time, their scores in registers, an online softmax
+// (running max and sum), and the values added in with the rows' weights; nothing [rows, C] is
+// written. The torch path (matrix products through MKL in blocks of 128 queries, the scores
 // written out, scaled, masked and softmaxed by separate ops) ran at ~86 GFLOP/s of the products it
 // computed (docs/performance.md).
 namespace {

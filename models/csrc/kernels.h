@@ -94,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor> moe_ffn_add(const at::Tensor& x, const at::Te
 constexpr int64_t kScreenRows = 8;
 constexpr int64_t kScreenRowsBf16 = 4;
 bool has_head_screen();
+inline int64_t head_screen_rows(bool bf16) { return bf16 ? kScreenRowsBf16 : kScreenRows; }
 std::tuple<at::Tensor, at::Tensor, int64_t> screened_greedy(const at::Tensor& x, const at::Tensor& head,
                                                             const at::Tensor& q, const at::Tensor& rows, int64_t max_rows);
 // layer.cpp

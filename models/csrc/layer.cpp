@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> DecodeLayers::run(at::Tensor h, at::Tensor co
 // that cover every step's position, padded with -1 (checked: a padded entry is never a slot). A step
 // whose logits have a row without a finite maximum stops the loop before its pick (the Python
 // sampler has a rule for those rows). With the head's int8 screen (screen_q, screen_rows: pack_screen
-// in models/linear.py) and at most kScreenRows sequences (kScreenRowsBf16 for a bfloat16 head), each step's pick is screened_greedy's
+// in models/linear.py) and at most head_screen_rows sequences, each step's pick is screened_greedy's
 // (screen.cpp: the same token, the head read mostly as int8); where the screen cannot decide, the
 // whole head's.
 // Returns (tokens [steps done, B], logits of the step that stopped it ([B, V] float32, else
@@ -245,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (head_threads > 0) at::set_num_threads(head_threads);
     const auto x = rms_norm(h, final_norm, eps_);
     at::Tensor top, arg;
-    if (screen_q.has_value() && B <= (lm_head.scalar_type() == at::kBFloat16 ? kScreenRowsBf16 : kScreenRows)) {
+    if (screen_q.has_value() && B <= head_screen_rows(lm_head.scalar_type() == at::kBFloat16)) {
       auto [t, a, n] = screened_greedy(x, lm_head, *screen_q, *screen_rows, screen_rows->size(1) / 8);
       exact[k] = n;
       if (n > 0) {

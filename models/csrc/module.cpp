@@ -16,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("screened_greedy", &screened_greedy, "(max, argmax, rows computed exactly) of x's logits over a panel-packed LM "
         "head, screened through its int8 copy; undefined tensors and 0 where the screen cannot decide (CPU)");
   m.def("has_head_screen", &has_head_screen, "whether screened_greedy was built (AVX-512 BW)");
-  m.def("head_screen_rows", [](bool bf16) { return bf16 ? kScreenRowsBf16 : kScreenRows; },
+  m.def("head_screen_rows", &head_screen_rows,
         "the most rows a greedy pick is screened at, for a float32 or a bfloat16 head");
   m.def("row_max", &row_max, "(amax, argmax) of each row, NaN first as torch's (CPU, float32)");
   m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal grouped-query attention, flash-style "
