@@ -102,6 +102,10 @@ class RotaryTable:
 
 
 class AttentionForward:
+    # the last layer runs only the sampled rows past their K/V (`program`); False: every row, as the
+    # layers before it (a reference for tests and benchmarks)
+    sampled_last_layer = True
+
     def __init__(self, spec: ModelSpec, weights: AttentionWeights, cache: PagedKVCache, rotary: RotaryTable,
                  transfer: AttentionEndpoint):
         self.spec = spec
@@ -116,7 +120,9 @@ class AttentionForward:
         self.head_picks: Counter = Counter()
 
     def attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, batch: AttentionBatch,
-                  cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                  cos_sin: tuple[torch.Tensor, torch.Tensor], sampled_only: bool = False) -> torch.Tensor:
+        """x [T, H] → attention output [T, H]; `sampled_only`: K/V of every row go to the cache, the
+        output is the sampled rows' alone, [N, H]."""
         s = self.spec
         T, h, g, d = x.shape[0], s.num_heads, s.num_kv_heads, s.head_dim
         qkv = lw.qkv(x)                                                  # [T, (h + 2g)·d]
@@ -127,8 +133,8 @@ class AttentionForward:
             q = rms_norm(qkv[:, :h * d].view(T, h, d), lw.q_norm, s.rms_norm_eps)
             k = rms_norm(qkv[:, h * d:(h + g) * d].view(T, g, d), lw.k_norm, s.rms_norm_eps)
             q, k = self.rotary.apply(q, cos_sin), self.rotary.apply(k, cos_sin)
-        o = paged_attention(q, k, v, self.cache, layer, batch)           # [T, h, d]
-        return lw.o(o.reshape(T, -1))
+        o = paged_attention(q, k, v, self.cache, layer, batch, sampled_only)     # [T or N, h, d]
+        return lw.o(o.reshape(o.shape[0], h * d))
 
     def program(self, step: int, micro_batch: int, input_ids: torch.Tensor, batch: AttentionBatch,
                 trace: StepTrace) -> Generator[None, None, torch.Tensor]:
@@ -148,11 +154,21 @@ class AttentionForward:
                                       micro_batch % 2 == 1)
             direct.record_decode(step, micro_batch, h.shape[0], counts, times)
             return rms_norm(h.index_select(0, batch.sample_rows), self.w.final_norm, s.rms_norm_eps)
+        # The last layer's output is read only at the sampled rows (its K/V, which later tokens read, is
+        # every row's): there, from the attention on, only they go on (N of T rows; none for a chunk that
+        # is not its prompt's last). A 512-token prompt: an eighth of its expert work (docs/performance.md).
+        # Not where every row is a decode token (a short prompt's rows, decode steps): those keep the
+        # one-call paths, whose outputs every deployment reproduces bit for bit.
+        trim = self.sampled_last_layer and block is None and batch.sample_rows.numel() < h.shape[0]
+        last = len(self.w.layers) - 1 if trim else -1
         for layer, lw in enumerate(self.w.layers):
             if block is not None and self.in_block[layer]:      # h += attention, x = norm(h), routing: one call
                 x, ids, weights = self.decode_block(block, layer, lw, h, batch, cos_sin)
             else:
-                if h.shape[0]:      # h is this program's own tensor (the embedding lookup made it): added in place
+                if layer == last:
+                    a = self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin, True)
+                    h = h.index_select(0, batch.sample_rows).add_(a)
+                elif h.shape[0]:    # h is this program's own tensor (the embedding lookup made it): added in place
                     h.add_(self.attention(layer, lw, rms_norm(h, lw.input_norm, s.rms_norm_eps), batch, cos_sin))
                 x = rms_norm(h, lw.post_norm, s.rms_norm_eps)
                 if lw.router is None:
@@ -174,7 +190,9 @@ class AttentionForward:
             routed = trace.wait(layer, micro_batch, lambda: self.transfer.combine_wait(handle))
             h.add_(routed if shared is None else routed + shared)
         trace.compute_ends(-1, micro_batch)
-        return rms_norm(h.index_select(0, batch.sample_rows), self.w.final_norm, s.rms_norm_eps)
+        if last < 0:
+            h = h.index_select(0, batch.sample_rows)
+        return rms_norm(h, self.w.final_norm, s.rms_norm_eps)
 
     def _block_kernel(self, h: torch.Tensor, batch: AttentionBatch):
         """The CPU kernels where this micro-batch's MoE layers can run their attention block as one call

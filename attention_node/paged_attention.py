@@ -60,6 +60,18 @@ class AttentionBatch:
     prefills: list[tuple]                  # (row start, q len, ctx slots [C], mask [q, C], additive bias [q, C] float32)
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
     block_size: int = 16
+    sample_blocks: torch.Tensor | None = None   # [N, ns] KV blocks of each sampled row's context (padded)
+    sample_lens: torch.Tensor | None = None     # [N] context length of each sampled row (it ends at the row)
+
+    @functools.cached_property
+    def sampled(self) -> "AttentionBatch":
+        """The sampled rows alone, each a decode token whose context ends at itself: what the last
+        layer attends once its K/V rows are written (`paged_attention(..., sampled_only=True)`)."""
+        n = self.sample_rows.numel()
+        rows = torch.arange(n, dtype=torch.long, device=self.sample_rows.device)
+        return AttentionBatch(positions=self.positions.index_select(0, self.sample_rows), slots=self.slots.index_select(0, self.sample_rows),
+                              decode_rows=rows, decode_blocks=self.sample_blocks, decode_lens=self.sample_lens,
+                              prefills=[], sample_rows=rows, block_size=self.block_size)
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
@@ -79,6 +91,7 @@ class AttentionBatch:
         (causal), by the decode kernel that reads the cache in place; longer ones, and every chunk
         where it is 0 (no kernel), as one causal block of matrix products."""
         positions, slots, decode_rows, decode_tables, decode_lens, prefills, sample_rows = [], [], [], [], [], [], []
+        sample_tables, sample_lens = [], []
         row = 0
         for c in chunks:
             n = len(c.token_ids)
@@ -101,15 +114,22 @@ class AttentionBatch:
                 bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
                 prefills.append((row, n, ctx_slots.to(device), mask.to(device), bias.to(device)))
             if c.sample:
+                last = c.start_pos + n          # the sampled row's context: every token up to it
                 sample_rows.append(row + n - 1)
+                sample_tables.append(c.block_table[:-(-last // block_size)])
+                sample_lens.append(last)
             row += n
-        most_blocks = max(map(len, decode_tables), default=0)
-        dec_blocks = torch.tensor([list(b) + [0] * (most_blocks - len(b)) for b in decode_tables],
-                                  dtype=torch.long).view(len(decode_tables), most_blocks)
         longs = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)   # noqa: E731
         return cls(positions=longs(positions), slots=longs(slots), decode_rows=longs(decode_rows),
-                   decode_blocks=dec_blocks.to(device), decode_lens=longs(decode_lens), prefills=prefills,
-                   sample_rows=longs(sample_rows), block_size=block_size)
+                   decode_blocks=_padded(decode_tables).to(device), decode_lens=longs(decode_lens), prefills=prefills,
+                   sample_rows=longs(sample_rows), block_size=block_size,
+                   sample_blocks=_padded(sample_tables).to(device), sample_lens=longs(sample_lens))
+
+
+def _padded(tables: list) -> torch.Tensor:
+    """Block tables → [n, most blocks], padded with block 0 (read only up to each context's length)."""
+    most = max(map(len, tables), default=0)
+    return torch.tensor([list(b) + [0] * (most - len(b)) for b in tables], dtype=torch.long).view(len(tables), most)
 
 
 class _Workspace:
@@ -136,14 +156,20 @@ class _Workspace:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int,
-                    batch: AttentionBatch) -> torch.Tensor:
-    """q [T, h, d], k/v [T, g, d] for the new tokens → attention output [T, h, d]."""
+                    batch: AttentionBatch, sampled_only: bool = False) -> torch.Tensor:
+    """q [T, h, d], k/v [T, g, d] for the new tokens → attention output [T, h, d]. `sampled_only`:
+    every row's K/V is written, but only the sampled rows are attended, as decode tokens → [N, h, d]
+    (the last layer: nothing reads the other rows' outputs)."""
     k_cache, v_cache = cache.k[layer], cache.v[layer]           # [g, S, d]
     if cache.decode_kernel is not None:        # one copy loop (index_copy_: ~40 µs a layer at 64 tokens)
         cache.decode_kernel.kv_write(k_cache, v_cache, batch.slots, k, v)
     else:
         k_cache.index_copy_(1, batch.slots, k.transpose(0, 1))
         v_cache.index_copy_(1, batch.slots, v.transpose(0, 1))
+    if sampled_only:
+        q, batch = q.index_select(0, batch.sample_rows), batch.sampled
+        if not q.shape[0]:      # a chunk that samples nothing (not its prompt's last)
+            return q
     g, d, h = k_cache.shape[0], k_cache.shape[2], q.shape[1]
     B = batch.decode_rows.numel()
     only_decode = B == q.shape[0]        # every row a decode token: no gather of q, no scatter of the output
