@@ -34,6 +34,7 @@
 #endif
 
 #include <algorithm>
+#include <memory>
 #include <chrono>
 #include <cmath>
 #include <cstdint>

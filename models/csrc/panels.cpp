@@ -86,7 +86,7 @@ void run_units(const typename F::X* xp, int64_t K, int64_t P, const std::vector<
     }
   }
   if (units.empty()) return;
-  std::vector<typename F::X> packed;
+  Scratch<typename F::X> packed;
   const auto xw = F::blocks(xp, K, counts, first, packed);
   // The calling thread's own OpenMP thread count, not at::get_num_threads(): that one is the last
   // count any thread of the process set, and a colocated process has ranks on several threads.
@@ -147,7 +147,7 @@ template <class F>
 at::Tensor some_impl(const at::Tensor& x, const at::Tensor& panels, const std::vector<int64_t>& ids) {
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), c = F::kCols;
   const auto weight = panel_pointers<F>({panels}, K, "panel_linear_some");
-  std::vector<typename F::X> packed;
+  Scratch<typename F::X> packed;
   const auto xw = F::blocks(reinterpret_cast<const typename F::X*>(x.data_ptr()), K, {M}, {0, M}, packed);
   auto full = at::empty({M, P * c}, x.options());               // only the units computed are written
   auto* yp = full.template data_ptr<typename F::Out>();

@@ -54,6 +54,16 @@ struct Ahead {
   }
 };
 
+// A packed copy of x, left uninitialized (a std::vector would zero every byte first).
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  T* get(int64_t n) {
+    p.reset(new T[std::max<int64_t>(n, 1)]);
+    return p.get();
+  }
+};
+
 // One register of float32 columns, for the row tiles: 8 (AVX2, streaming with prefetch_ahead) or 16
 // (AVX-512, which does without; see the top).
 struct Ymm {
@@ -86,8 +96,9 @@ struct Zmm {
 // The tiles read element (m, k) of x at x[k·sk + m·sm]. Row blocks of up to 8 rows are packed
 // transposed once per call (sk = M, sm = 1): the M values one k step broadcasts then sit in one or
 // two cache lines instead of M rows K floats apart (8-row expert products out of cache, both cores:
-// 34 → 25 ms for 8 layers' up projections); bigger blocks are read in place (sk = 1, sm = K), where
-// transposing cost more than it saved in prefill.
+// 34 → 25 ms for 8 layers' up projections). AVX2 reads bigger blocks in place (sk = 1, sm = K), where
+// transposing a whole block cost more than it saved in prefill; AVX-512 packs them tile by tile
+// (`tiled_blocks`, below), which gained 4-10%.
 // Every tile is inlined into its switch: called through a pointer, GCC spilled the
 // accumulators to the stack on every k (2.3x slower).
 //
@@ -211,19 +222,19 @@ struct Unit {
 // Where each weight's row block [counts[w], K] of x is read from (float32 formats): blocks of up to 8 rows transposed
 // into [K, counts[w]] in `buffer` (panel_unit reads them so), bigger blocks in place.
 inline std::vector<const float*> transposed_blocks(const float* x, int64_t K, const std::vector<int64_t>& counts,
-                                                   const std::vector<int64_t>& first, std::vector<float>& buffer) {
+                                                   const std::vector<int64_t>& first, Scratch<float>& buffer) {
   std::vector<const float*> at(counts.size());
   for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
   bool any = false;
   for (int64_t c : counts) any = any || (c > 0 && c <= 8);
   if (!any) return at;
-  buffer.resize(first.back() * K);
+  float* const packed = buffer.get(first.back() * K);
   at::parallel_for(0, counts.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       const int64_t M = counts[w];
       if (M == 0 || M > 8) continue;
       const float* src = x + first[w] * K;
-      float* dst = buffer.data() + first[w] * K;
+      float* dst = packed + first[w] * K;
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) dst[k * M + m] = src[m * K + k];
       at[w] = dst;
@@ -241,7 +252,7 @@ struct F32x8 {
   static constexpr int64_t kUnitRows = 8;   // more rows than this: units of two panels
   static double cost(int64_t rows) { return 6.0 + rows; }   // a panel's stream ≈ 6 rows of FMAs
   static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
-                                      const std::vector<int64_t>& first, std::vector<X>& buffer) {
+                                      const std::vector<int64_t>& first, Scratch<X>& buffer) {
     return transposed_blocks(x, K, counts, first, buffer);
   }
   static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy,
@@ -302,8 +313,46 @@ __attribute__((always_inline)) inline void zmm_rows(bool pair, int64_t rows, con
   row_tiles<Zmm>(rows, x, sk, sm, K, p, y, ldy, ahead);
 }
 
-// The float32 format with AVX-512: 16-column panels; 4 or more rows over panel pairs, in tiles of up
-// to 12 rows (one tile up to 8 rows, whose block is transposed), spread evenly.
+// Where each weight's row block [counts[w], K] of x is read from, for the AVX-512 float32 tiles: packed
+// tile by tile, as F32x16::unit tiles it (up to 8 rows: one tile; more: ceil(M / 12) tiles, rows
+// spread evenly), each tile's r rows as [K, r], at the tile's own rows' offset (so a block keeps its
+// size and place). A k step's broadcasts then sit in one or two cache lines, one stream per tile: read
+// in place, 12 rows K floats apart were 12 streams, and a 444-row expert product whose rows no longer
+// fit L2 ran 7% slower (4-10% over 60-444 rows, both projections; docs/performance.md).
+inline std::vector<const float*> tiled_blocks(const float* x, int64_t K, const std::vector<int64_t>& counts,
+                                              const std::vector<int64_t>& first, Scratch<float>& buffer) {
+  std::vector<const float*> at(counts.size(), nullptr);
+  struct Tile { int64_t m0, r; };                   // rows [m0, m0 + r) of x, all of one block
+  std::vector<Tile> tiles;
+  for (size_t w = 0; w < counts.size(); ++w) {
+    const int64_t M = counts[w];
+    if (M == 0) continue;
+    const int64_t n = M <= 8 ? 1 : (M + 11) / 12;
+    for (int64_t m0 = first[w], t = 0; m0 < first[w] + M; ++t) {
+      const int64_t r = (first[w] + M - m0 + n - t - 1) / (n - t);
+      tiles.push_back({m0, r});
+      m0 += r;
+    }
+  }
+  float* const packed = buffer.get(first.back() * K);
+  for (size_t w = 0; w < counts.size(); ++w) at[w] = packed + first[w] * K;
+  at::parallel_for(0, tiles.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const auto [m0, r] = tiles[i];
+      const float* src = x + m0 * K;
+      float* dst = packed + m0 * K;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t m = 0; m < r; ++m) dst[k * r + m] = src[m * K + k];
+    }
+  });
+  return at;
+}
+
+// The float32 format with AVX-512: 16-column panels; 4 or more rows over panel pairs. Up to 8 rows
+// are one tile; more go in ceil(M / 12) tiles of up to 12 rows (24 sums), spread evenly, each read
+// from its packed [K, r] block (tiled_blocks); a single panel runs a tile of more than 8 rows as two
+// row tiles of 4-6 (both with one set of sums, as every tile of 4 or more rows: each output is one
+// chain of FMAs over k, whatever the tiling, so packing changed no result).
 struct F32x16 {
   using X = float;
   using W = float;
@@ -312,17 +361,25 @@ struct F32x16 {
   static constexpr int64_t kUnitRows = 3;
   static double cost(int64_t rows) { return 8.0 + rows; }   // a panel's stream ≈ 8 rows of FMAs
   static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
-                                      const std::vector<int64_t>& first, std::vector<X>& buffer) {
-    return transposed_blocks(x, K, counts, first, buffer);
+                                      const std::vector<int64_t>& first, Scratch<X>& buffer) {
+    return tiled_blocks(x, K, counts, first, buffer);
   }
   static void unit(const X* x, int64_t M, int64_t K, const W* panels, int64_t j, bool pair, float* y, int64_t ldy,
                    Ahead& ahead) {
-    const int64_t sk = M <= 8 ? M : 1, sm = M <= 8 ? 1 : K;
-    const int64_t cap = pair ? (M <= 8 ? 8 : 12) : 8, tiles = (M + cap - 1) / cap;
+    const float* p = panels + j * K * 16;
+    y += j * 16;
+    const int64_t tiles = M <= 8 ? 1 : (M + 11) / 12;
     for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
-      const int64_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
-      zmm_rows(pair, rows, x + m0 * sm, sk, sm, K, panels + j * K * 16, y + m0 * ldy + j * 16, ldy, ahead);
-      m0 += rows;
+      const int64_t r = (M - m0 + tiles - t - 1) / (tiles - t);
+      const float* xt = x + m0 * K;                   // [K, r]
+      if (pair || r <= 8) {
+        zmm_rows(pair, r, xt, r, 1, K, p, y + m0 * ldy, ldy, ahead);
+      } else {
+        const int64_t a = (r + 1) / 2;
+        zmm_rows(false, a, xt, r, 1, K, p, y + m0 * ldy, ldy, ahead);
+        zmm_rows(false, r - a, xt + a, r, 1, K, p, y + (m0 + a) * ldy, ldy, ahead);
+      }
+      m0 += r;
     }
   }
 };
@@ -455,7 +512,7 @@ struct BF16 {
   static constexpr int64_t kUnitRows = 8;   // more rows than this: units of two panels
   static double cost(int64_t rows) { return 6.0 + 0.5 * rows; }   // the same bytes per panel, half the cycles per row
   static std::vector<const X*> blocks(const X* x, int64_t K, const std::vector<int64_t>& counts,
-                                      const std::vector<int64_t>& first, std::vector<X>&) {
+                                      const std::vector<int64_t>& first, Scratch<X>&) {
     std::vector<const X*> at(counts.size());   // rows as they are: each k pair of a row is one 32-bit broadcast
     for (size_t w = 0; w < counts.size(); ++w) at[w] = x + first[w] * K;
     return at;
