@@ -57,7 +57,7 @@ class AttentionBatch:
     decode_rows: torch.Tensor              # [B] token rows of decode sequences
     decode_blocks: torch.Tensor            # [B, nb] KV blocks of each decode context (padded with block 0)
     decode_lens: torch.Tensor              # [B] context length of each decode sequence
-    prefills: list[tuple]                  # (row start, q len, ctx slots [C], mask [q, C], additive bias [q, C] float32)
+    prefills: list["PrefillChunk"]         # chunks attended as causal blocks
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
     block_size: int = 16
     sample_blocks: torch.Tensor | None = None   # [N, ns] KV blocks of each sampled row's context (padded)
@@ -109,10 +109,7 @@ class AttentionBatch:
                 ctx_slots = table[ctx_pos // block_size] * block_size + ctx_pos % block_size   # [C]
                 positions += range(c.start_pos, c.context_len)
                 slots += ctx_slots[c.start_pos:].tolist()
-                q_pos = ctx_pos[c.start_pos:, None]
-                mask = ctx_pos[None, :] <= q_pos                                          # [q, C]
-                bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
-                prefills.append((row, n, ctx_slots.to(device), mask.to(device), bias.to(device)))
+                prefills.append(PrefillChunk(row, n, ctx_slots.to(device)))
             if c.sample:
                 last = c.start_pos + n          # the sampled row's context: every token up to it
                 sample_rows.append(row + n - 1)
@@ -130,6 +127,29 @@ def _padded(tables: list) -> torch.Tensor:
     """Block tables → [n, most blocks], padded with block 0 (read only up to each context's length)."""
     most = max(map(len, tables), default=0)
     return torch.tensor([list(b) + [0] * (most - len(b)) for b in tables], dtype=torch.long).view(len(tables), most)
+
+
+@dataclass
+class PrefillChunk:
+    """A chunk attended as one causal block: its rows [start, start + n) of the micro-batch, the cache
+    slots of its whole context [C] (earlier chunks' tokens, then its own)."""
+
+    start: int
+    n: int
+    ctx_slots: torch.Tensor
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[n, C] bool: query i sees keys up to its own position (SDPA's mask, GPUs). Made on first use:
+        the CPU kernel masks by position itself."""
+        C = self.ctx_slots.numel()
+        ctx_pos = torch.arange(C, device=self.ctx_slots.device)
+        return ctx_pos[None, :] <= ctx_pos[C - self.n:, None]
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """[n, C] float32: 0 where the key is seen, -inf elsewhere (the torch path on the CPU)."""
+        return torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
 
 
 class _Workspace:
@@ -184,7 +204,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
         if only_decode:
             return od.reshape(B, -1, d)
         out[batch.decode_rows] = od.reshape(B, -1, d)
-    for start, n, ctx_slots, mask, bias in batch.prefills:
+    for chunk in batch.prefills:
+        start, n, ctx_slots = chunk.start, chunk.n, chunk.ctx_slots
         kp = cache.workspace.gather("k", k_cache, ctx_slots, 1)   # [g, C, d]
         vp = cache.workspace.gather("v", v_cache, ctx_slots, 1)
         ext = cache.decode_kernel
@@ -194,9 +215,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
             out[start:start + n] = ext.prefill_attention(q[start:start + n].contiguous(), kp.contiguous(),
                                                          vp.contiguous(), d ** -0.5)
         elif q.device.type == "cpu":
-            out[start:start + n] = _grouped_prefill(q[start:start + n], kp, vp, bias)
+            out[start:start + n] = _grouped_prefill(q[start:start + n], kp, vp, chunk.bias)
         else:   # fused kernels on GPUs
-            op = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kp, vp, attn_mask=mask, enable_gqa=True)
+            op = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), kp, vp, attn_mask=chunk.mask, enable_gqa=True)
             out[start:start + n] = op.transpose(0, 1)
     return out
 
