@@ -16,7 +16,8 @@ Places where torch's own CPU ops measured far from what the machine can do:
   prepacked GEMM (models/linear.py) stays far below the FLOP peak. `panel_linear` keeps a float32
   weight in 16-column panels (one AVX-512 register; 8 columns where the CPU has only AVX2): few
   rows run as one register tile per panel or pair of panels (one pass over the weight), more rows
-  as tiles of up to 12 over two neighbouring panels. bfloat16 weights, where
+  as tiles of up to 12 over two neighbouring panels, each tile's rows packed k-major first (one
+  stream of broadcasts, not 12). bfloat16 weights, where
   the CPU has AVX-512 BF16, are kept in 16-column panels of k pairs that `vdpbf16ps` multiplies as
   they lie (half the bytes, twice the products per instruction). `grouped_panel_linear` runs a
   layer's experts, each on its own rows, in one parallel region; `moe_ffn` is a whole expert layer
