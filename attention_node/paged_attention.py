@@ -21,7 +21,7 @@ What each choice measured: docs/performance.md.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,17 +60,19 @@ class AttentionBatch:
     prefills: list["PrefillChunk"]         # chunks attended as causal blocks
     sample_rows: torch.Tensor              # [N] rows whose logits are sampled
     block_size: int = 16
-    sample_blocks: torch.Tensor | None = None   # [N, ns] KV blocks of each sampled row's context (padded)
-    sample_lens: torch.Tensor | None = None     # [N] context length of each sampled row (it ends at the row)
+    sample_tables: list = field(default_factory=list)  # [N] KV blocks of each sampled row's context
+    sample_lens: list = field(default_factory=list)    # [N] context length of each sampled row (it ends at the row)
 
     @functools.cached_property
     def sampled(self) -> "AttentionBatch":
         """The sampled rows alone, each a decode token whose context ends at itself: what the last
-        layer attends once its K/V rows are written (`paged_attention(..., sampled_only=True)`)."""
-        n = self.sample_rows.numel()
-        rows = torch.arange(n, dtype=torch.long, device=self.sample_rows.device)
+        layer attends once its K/V rows are written (`paged_attention(..., sampled_only=True)`). Made
+        on first use: steps whose every row is sampled never need it."""
+        device = self.sample_rows.device
+        rows = torch.arange(self.sample_rows.numel(), dtype=torch.long, device=device)
         return AttentionBatch(positions=self.positions.index_select(0, self.sample_rows), slots=self.slots.index_select(0, self.sample_rows),
-                              decode_rows=rows, decode_blocks=self.sample_blocks, decode_lens=self.sample_lens,
+                              decode_rows=rows, decode_blocks=_padded(self.sample_tables).to(device),
+                              decode_lens=torch.tensor(self.sample_lens, dtype=torch.long, device=device),
                               prefills=[], sample_rows=rows, block_size=self.block_size)
 
     @functools.cached_property
@@ -119,8 +121,8 @@ class AttentionBatch:
         longs = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)   # noqa: E731
         return cls(positions=longs(positions), slots=longs(slots), decode_rows=longs(decode_rows),
                    decode_blocks=_padded(decode_tables).to(device), decode_lens=longs(decode_lens), prefills=prefills,
-                   sample_rows=longs(sample_rows), block_size=block_size,
-                   sample_blocks=_padded(sample_tables).to(device), sample_lens=longs(sample_lens))
+                   sample_rows=longs(sample_rows), block_size=block_size, sample_tables=sample_tables,
+                   sample_lens=sample_lens)
 
 
 def _padded(tables: list) -> torch.Tensor:

@@ -355,9 +355,15 @@ inline void pack_tile(const float* src, int64_t K, int64_t r, float* dst) {
     for (int64_t m = 0; m < r; ++m) dst[k * r + m] = src[m * K + k];
 }
 
+// How F32x16 tiles a block of M rows: ceil(M / 12) tiles (one up to 12 rows), the rows spread
+// evenly; tile t of `tiles` starting at row m0 has zmm_tile_rows(M - m0, tiles - t) rows. tiled_blocks
+// packs by this rule and F32x16::unit reads by it.
+inline int64_t zmm_tiles(int64_t M) { return (M + 11) / 12; }
+inline int64_t zmm_tile_rows(int64_t rows_left, int64_t tiles_left) { return (rows_left + tiles_left - 1) / tiles_left; }
+
 // Where each weight's row block [counts[w], K] of x is read from, for the AVX-512 float32 tiles: packed
-// tile by tile, as F32x16::unit tiles it (up to 8 rows: one tile; more: ceil(M / 12) tiles, rows
-// spread evenly), each tile's r rows as [K, r], at the tile's own rows' offset (so a block keeps its
+// tile by tile, as F32x16::unit tiles it (zmm_tiles), each tile's r rows as [K, r], at the tile's own
+// rows' offset (so a block keeps its
 // size and place). A k step's broadcasts then sit in one or two cache lines, one stream per tile: read
 // in place, 12 rows K floats apart were 12 streams, and a 444-row expert product whose rows no longer
 // fit L2 ran 7% slower (4-10% over 60-444 rows, both projections; docs/performance.md).
@@ -367,12 +373,10 @@ inline std::vector<const float*> tiled_blocks(const float* x, int64_t K, const s
   struct Tile { int64_t m0, r; };                   // rows [m0, m0 + r) of x, all of one block
   std::vector<Tile> tiles;
   for (size_t w = 0; w < counts.size(); ++w) {
-    const int64_t M = counts[w];
-    if (M == 0) continue;
-    const int64_t n = M <= 8 ? 1 : (M + 11) / 12;
-    for (int64_t m0 = first[w], t = 0; m0 < first[w] + M; ++t) {
-      const int64_t r = (first[w] + M - m0 + n - t - 1) / (n - t);
-      tiles.push_back({m0, r});
+    const int64_t M = counts[w], n = zmm_tiles(M);
+    for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
+      const int64_t r = zmm_tile_rows(M - m0, n - t);
+      tiles.push_back({first[w] + m0, r});
       m0 += r;
     }
   }
@@ -387,8 +391,8 @@ inline std::vector<const float*> tiled_blocks(const float* x, int64_t K, const s
   return at;
 }
 
-// The float32 format with AVX-512: 16-column panels; 4 or more rows over panel pairs. Up to 8 rows
-// are one tile; more go in ceil(M / 12) tiles of up to 12 rows (24 sums), spread evenly, each read
+// The float32 format with AVX-512: 16-column panels; 4 or more rows over panel pairs. Rows go in
+// ceil(M / 12) tiles of up to 12 rows (24 sums), spread evenly (zmm_tiles), each read
 // from its packed [K, r] block (tiled_blocks); a single panel runs a tile of more than 8 rows as two
 // row tiles of 4-6 (both with one set of sums, as every tile of 4 or more rows: each output is one
 // chain of FMAs over k, whatever the tiling, so packing changed no result).
@@ -407,9 +411,9 @@ struct F32x16 {
                    Ahead& ahead) {
     const float* p = panels + j * K * 16;
     y += j * 16;
-    const int64_t tiles = M <= 8 ? 1 : (M + 11) / 12;
+    const int64_t tiles = zmm_tiles(M);
     for (int64_t m0 = 0, t = 0; m0 < M; ++t) {
-      const int64_t r = (M - m0 + tiles - t - 1) / (tiles - t);
+      const int64_t r = zmm_tile_rows(M - m0, tiles - t);
       const float* xt = x + m0 * K;                   // [K, r]
       if (pair || r <= 8) {
         zmm_rows(pair, r, xt, r, 1, K, p, y + m0 * ldy, ldy, ahead);
